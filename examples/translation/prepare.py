@@ -1,0 +1,440 @@
+#!/usr/bin/env python
+"""Turn raw parallel text into fairseq binarized data (joint sentencepiece BPE).
+
+Input
+-----
+A directory (``--data``) holding six aligned, one-sentence-per-line UTF-8
+files::
+
+    train.SRC  train.TGT  valid.SRC  valid.TGT  test.SRC  test.TGT
+
+where SRC/TGT are the language codes given by ``--src``/``--tgt`` (default
+``de``/``en``).  By default ``--data`` is ``<repo root>/../shared/data/
+multi30k-deen``.  Nothing is downloaded: with other data, pass ``--data PATH``.
+
+Output (in ``--out``)
+---------------------
+``spm.model``, ``spm.vocab``
+    One sentencepiece BPE model shared by both languages, trained on the
+    (possibly truncated) train split of both sides.
+``spm/{train,valid,test}.{SRC,TGT}``
+    Every split encoded into space-separated sentencepiece pieces
+    (the text fairseq-preprocess binarizes).
+``raw/{valid,test}.{SRC,TGT}``
+    The raw (possibly truncated) valid/test text, kept as references for
+    sacrebleu scoring of detokenized (``--remove-bpe sentencepiece``) output.
+``dict.SRC.txt``, ``dict.TGT.txt``, ``{split}.SRC-TGT.{SRC,TGT}.{bin,idx}``, ``preprocess.log``
+    fairseq-preprocess output with a joined dictionary; point
+    ``fairseq-train OUT`` at the directory.
+``prepare.json``
+    Arguments, versions and line counts.  Written last: its presence marks
+    the output as complete.
+
+Rerunning
+---------
+If ``OUT/prepare.json`` exists, the output is reused (the script says so and
+exits 0, warning on stderr if it was built with different settings) unless
+``--force`` is given.  Everything is built in a hidden
+staging directory inside OUT and only moved into place once all steps
+succeeded, so a failed run leaves no ``prepare.json`` and the next run
+redoes the work.  Nothing outside OUT is ever written or deleted.
+
+Exit status: 0 on success or reuse, 2 on bad arguments or missing/misaligned
+input (one line on stderr, nothing written), 1 if a processing step fails.
+
+Example (smoke test)::
+
+    python examples/translation/prepare.py --out data-bin/smoke \\
+        --max-train-lines 300 --max-eval-lines 50 --vocab-size 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "multi30k-deen"
+SPLITS = ("train", "valid", "test")
+EVAL_SPLITS = ("valid", "test")
+PROG = "prepare.py"
+
+
+class InputError(Exception):
+    """Problem with the user's input; reported as one line, exit status 2."""
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Train a joint sentencepiece BPE model on raw parallel text, encode "
+            "every split and binarize it with fairseq-preprocess "
+            "(--joined-dictionary)."
+        ),
+        epilog=(
+            "This machine is offline and nothing is downloaded. The default "
+            f"--data is {DEFAULT_DATA}; users with other data give --data PATH "
+            "(a directory with {train,valid,test}.{SRC,TGT} raw text files, "
+            "one sentence per line, line-aligned)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=DEFAULT_DATA,
+        help="directory with {train,valid,test}.{SRC,TGT} raw text files",
+    )
+    p.add_argument("--src", default="de", help="source language code (file suffix)")
+    p.add_argument("--tgt", default="en", help="target language code (file suffix)")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=8000,
+        help="joint sentencepiece vocabulary size (lowered automatically, with a "
+        "message, if the training data is too small for it)",
+    )
+    p.add_argument(
+        "--max-train-lines",
+        type=int,
+        default=None,
+        help="use only the first N lines of the train split (smoke tests)",
+    )
+    p.add_argument(
+        "--max-eval-lines",
+        type=int,
+        default=None,
+        help="use only the first N lines of the valid and test splits (smoke tests)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=2, help="worker processes for fairseq-preprocess"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="rebuild even if OUT/prepare.json marks a complete output",
+    )
+    args = p.parse_args(argv)
+
+    if args.src == args.tgt:
+        p.error("--src and --tgt must differ")
+    for name in ("src", "tgt"):
+        if not re.fullmatch(r"[A-Za-z0-9_]+", getattr(args, name)):
+            p.error(f"--{name} must be a plain language code, got {getattr(args, name)!r}")
+    if args.vocab_size < 1:
+        p.error("--vocab-size must be positive")
+    for name in ("max_train_lines", "max_eval_lines"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.workers < 1:
+        p.error("--workers must be >= 1")
+    return args
+
+
+# --------------------------------------------------------------------------- #
+# input handling
+# --------------------------------------------------------------------------- #
+
+
+def input_paths(data: Path, src: str, tgt: str) -> Dict[str, Dict[str, Path]]:
+    return {s: {lang: data / f"{s}.{lang}" for lang in (src, tgt)} for s in SPLITS}
+
+
+def check_inputs(data: Path, src: str, tgt: str) -> Dict[str, Dict[str, Path]]:
+    """Return the six input paths; raise InputError naming what is missing."""
+    if not data.is_dir():
+        raise InputError(
+            f"data directory not found: {data} (give --data PATH with "
+            f"{{train,valid,test}}.{{{src},{tgt}}})"
+        )
+    paths = input_paths(data, src, tgt)
+    missing = [str(p) for s in SPLITS for p in paths[s].values() if not p.is_file()]
+    if missing:
+        raise InputError(
+            f"missing input file{'s' if len(missing) > 1 else ''}: {', '.join(missing)}"
+        )
+    return paths
+
+
+def read_lines(path: Path, limit: Optional[int]) -> List[str]:
+    """First ``limit`` lines of ``path`` (all if None), without line endings.
+
+    Text mode with universal newlines, the same way fairseq-preprocess and
+    sacrebleu read files, so line counts agree with theirs.
+    """
+    out: List[str] = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if limit is not None and len(out) >= limit:
+                break
+            out.append(line.rstrip("\n"))
+    return out
+
+
+def load_corpus(
+    paths: Dict[str, Dict[str, Path]], src: str, tgt: str,
+    max_train: Optional[int], max_eval: Optional[int],
+) -> Dict[str, Dict[str, List[str]]]:
+    corpus: Dict[str, Dict[str, List[str]]] = {}
+    for split in SPLITS:
+        limit = max_train if split == "train" else max_eval
+        try:
+            corpus[split] = {lang: read_lines(paths[split][lang], limit) for lang in (src, tgt)}
+        except UnicodeDecodeError as e:
+            raise InputError(f"input is not UTF-8: {e}") from e
+        n_src, n_tgt = len(corpus[split][src]), len(corpus[split][tgt])
+        if n_src != n_tgt:
+            raise InputError(
+                f"{split} split is not aligned: {paths[split][src]} has {n_src} lines, "
+                f"{paths[split][tgt]} has {n_tgt}"
+            )
+        if n_src == 0:
+            raise InputError(f"{split} split is empty: {paths[split][src]}")
+    return corpus
+
+
+def write_lines(path: Path, lines: Sequence[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for line in lines:
+            f.write(line)
+            f.write("\n")
+
+
+# --------------------------------------------------------------------------- #
+# processing steps
+# --------------------------------------------------------------------------- #
+
+
+def train_spm(train_text: Path, model_prefix: Path, vocab_size: int, threads: int) -> dict:
+    """Train the joint BPE model; returns the options actually used."""
+    import sentencepiece as spm
+
+    opts = dict(
+        input=str(train_text),
+        model_prefix=str(model_prefix),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        character_coverage=1.0,
+        # Deterministic: read sentences in file order, no random sampling
+        # (sentencepiece has no seed option for BPE training).
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        num_threads=threads,
+        minloglevel=2,
+    )
+    try:
+        spm.SentencePieceTrainer.train(**opts)
+    except RuntimeError as e:
+        if "Vocabulary size too high" not in str(e):
+            raise
+        m = re.search(r"<=\s*(\d+)", str(e))
+        limit = f" (at most {m.group(1)})" if m else ""
+        print(
+            f"{PROG}: note: training data too small for --vocab-size {vocab_size}"
+            f"{limit}; retrying with hard_vocab_limit=False",
+            file=sys.stderr,
+        )
+        opts["hard_vocab_limit"] = False
+        spm.SentencePieceTrainer.train(**opts)
+    opts = {k: v for k, v in opts.items() if k not in ("input", "model_prefix")}
+    return opts
+
+
+def encode_splits(
+    model: Path, corpus: Dict[str, Dict[str, List[str]]], out_dir: Path, threads: int
+) -> int:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    for split, by_lang in corpus.items():
+        for lang, lines in by_lang.items():
+            pieces = sp.encode(lines, out_type=str, num_threads=threads)
+            write_lines(out_dir / f"{split}.{lang}", [" ".join(p) for p in pieces])
+    return sp.get_piece_size()
+
+
+def preprocess_command() -> List[str]:
+    exe = Path(sys.executable).parent / "fairseq-preprocess"
+    if exe.is_file() and os.access(exe, os.X_OK):
+        return [str(exe)]
+    return [sys.executable, "-m", "fairseq_cli.preprocess"]
+
+
+def run_preprocess(spm_dir: Path, dest: Path, src: str, tgt: str, workers: int) -> None:
+    cmd = preprocess_command() + [
+        "--source-lang", src,
+        "--target-lang", tgt,
+        "--trainpref", str(spm_dir / "train"),
+        "--validpref", str(spm_dir / "valid"),
+        "--testpref", str(spm_dir / "test"),
+        "--destdir", str(dest),
+        "--joined-dictionary",
+        "--workers", str(workers),
+    ]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stdout.splitlines()[-30:])
+        raise RuntimeError(
+            f"fairseq-preprocess failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}"
+        )
+
+
+def package_version(name: str) -> Optional[str]:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:
+        return None
+
+
+def read_record(out: Path) -> Optional[dict]:
+    """The parsed ``OUT/prepare.json`` if the output is complete, else None."""
+    try:
+        record = json.loads((out / "prepare.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def settings(args: argparse.Namespace, data: Path) -> dict:
+    """The arguments that determine the output's content."""
+    return {
+        "data": str(data),
+        "src": args.src,
+        "tgt": args.tgt,
+        "vocab_size": args.vocab_size,
+        "max_train_lines": args.max_train_lines,
+        "max_eval_lines": args.max_eval_lines,
+    }
+
+
+def install(staging: Path, out: Path) -> None:
+    """Move every file from ``staging`` into ``out`` (overwriting same names)."""
+    for src_path in sorted(staging.rglob("*")):
+        if src_path.is_file():
+            dst = out / src_path.relative_to(staging)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src_path, dst)
+
+
+# --------------------------------------------------------------------------- #
+# main
+# --------------------------------------------------------------------------- #
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    src, tgt = args.src, args.tgt
+    data = args.data.expanduser().resolve()
+    out = args.out.expanduser().resolve()
+
+    try:
+        paths = check_inputs(data, src, tgt)
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--out exists and is not a directory: {out}")
+    except InputError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+
+    record = None if args.force else read_record(out)
+    if record is not None:
+        print(f"{PROG}: reusing existing output in {out} (prepare.json present); "
+              "pass --force to rebuild")
+        old = record.get("args", {})
+        diff = [f"{k}={old.get(k)!r} (now {v!r})" for k, v in settings(args, data).items()
+                if old.get(k) != v]
+        if diff:
+            print(f"{PROG}: warning: existing output was built with different settings: "
+                  + ", ".join(diff) + "; pass --force to rebuild with the new ones",
+                  file=sys.stderr)
+        return 0
+
+    try:
+        corpus = load_corpus(paths, src, tgt, args.max_train_lines, args.max_eval_lines)
+    except InputError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    counts = {s: len(corpus[s][src]) for s in SPLITS}
+    print(f"{PROG}: {data} -> {out}  lines: " +
+          ", ".join(f"{s}={n}" for s, n in counts.items()))
+
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / "prepare.json"
+    # Invalidate first: from here until the new marker is written, the output
+    # is incomplete, whatever happens.
+    marker.unlink(missing_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".prepare-staging-", dir=out))
+    try:
+        threads = args.workers
+
+        # (1) joint sentencepiece BPE on the train split of both languages
+        train_text = staging / "spm-train.txt"
+        write_lines(train_text, corpus["train"][src] + corpus["train"][tgt])
+        print(f"{PROG}: [1/4] training sentencepiece BPE (vocab {args.vocab_size})")
+        spm_opts = train_spm(train_text, staging / "spm", args.vocab_size, threads)
+        train_text.unlink()
+
+        # (2) encode every split into pieces
+        print(f"{PROG}: [2/4] encoding splits")
+        spm_size = encode_splits(staging / "spm.model", corpus, staging / "spm", threads)
+
+        # (3) raw eval references for sacrebleu
+        print(f"{PROG}: [3/4] copying raw valid/test references")
+        for split in EVAL_SPLITS:
+            for lang in (src, tgt):
+                write_lines(staging / "raw" / f"{split}.{lang}", corpus[split][lang])
+
+        # (4) binarize with fairseq-preprocess
+        print(f"{PROG}: [4/4] fairseq-preprocess (--joined-dictionary, workers {args.workers})")
+        run_preprocess(staging / "spm", staging, src, tgt, args.workers)
+        with open(staging / f"dict.{src}.txt", encoding="utf-8") as f:
+            dict_size = sum(1 for _ in f)
+
+        # (5) move into place, then write the completion marker last
+        install(staging, out)
+        record = {
+            "args": {
+                **settings(args, data),
+                "out": str(out),
+                "workers": args.workers,
+                "force": args.force,
+            },
+            "lines": {s: {src: counts[s], tgt: counts[s]} for s in SPLITS},
+            "spm": {"vocab_size": spm_size, "options": spm_opts},
+            "fairseq_dict_size": dict_size,
+            "versions": {
+                "python": sys.version.split()[0],
+                "sentencepiece": package_version("sentencepiece"),
+                "fairseq": package_version("fairseq-fixed") or package_version("fairseq"),
+            },
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        }
+        tmp_marker = out / ".prepare.json.tmp"
+        tmp_marker.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp_marker, marker)
+    except Exception as e:  # report and leave no marker; staging is removed below
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    print(f"{PROG}: done: {out} (spm vocab {spm_size}, fairseq dict {dict_size})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

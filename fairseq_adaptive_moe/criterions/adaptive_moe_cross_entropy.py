@@ -1,0 +1,90 @@
+"""``adaptive_moe_label_smoothed_cross_entropy``: label-smoothed CE plus the MoE auxiliary losses.
+
+``loss = CE + sample_size * (w_balance * sum_l L_balance,l + w_z * sum_l L_z,l)``
+
+fairseq divides the summed CE by ``sample_size`` before the update, so the auxiliary terms act
+with exactly their stated weights (paper: w_balance = 0.01), whatever the batch size.
+"""
+
+from dataclasses import dataclass, field
+
+from fairseq.criterions import register_criterion
+from fairseq.criterions.label_smoothed_cross_entropy import (
+    LabelSmoothedCrossEntropyCriterion,
+    LabelSmoothedCrossEntropyCriterionConfig,
+)
+from fairseq.dataclass import FairseqDataclass
+
+from .moe_logging import moe_auxiliary_loss, moe_logging_output, reduce_moe_metrics
+
+
+@dataclass
+class MoELossConfig(FairseqDataclass):
+    moe_balance_loss_weight: float = field(
+        default=0.01,
+        metadata={"help": "weight of the load-balancing loss E * sum_e f1_e * p_e, summed over "
+                          "MoE layers (paper Eq. 4) (default: 0.01)"},
+    )
+    moe_z_loss_weight: float = field(
+        default=0.0,
+        metadata={"help": "weight of the router z-loss, summed over MoE layers (default: 0)"},
+    )
+
+    def __post_init__(self):
+        for name in ("moe_balance_loss_weight", "moe_z_loss_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class AdaptiveMoELabelSmoothedCrossEntropyConfig(LabelSmoothedCrossEntropyCriterionConfig, MoELossConfig):
+    pass
+
+
+class MoECriterionMixin:
+    """Adds the MoE auxiliary loss and metrics to a fairseq criterion."""
+
+    def moe_loss(self, net_output, sample_size):
+        """(scaled auxiliary loss to add to the summed task loss, logging entries)."""
+        stats = net_output[1].get("moe_stats", []) if isinstance(net_output[1], dict) else []
+        aux = moe_auxiliary_loss(stats, self.moe_balance_loss_weight, self.moe_z_loss_weight)
+        aux = aux.to(net_output[0].device) * sample_size
+        log = moe_logging_output(stats)
+        if stats:
+            log["moe_loss"] = aux.detach().item()
+        return aux, log
+
+
+@register_criterion("adaptive_moe_label_smoothed_cross_entropy",
+                    dataclass=AdaptiveMoELabelSmoothedCrossEntropyConfig)
+class AdaptiveMoELabelSmoothedCrossEntropyCriterion(MoECriterionMixin, LabelSmoothedCrossEntropyCriterion):
+    def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0,
+                 report_accuracy=False, moe_balance_loss_weight=0.01, moe_z_loss_weight=0.0):
+        super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
+        self.moe_balance_loss_weight = moe_balance_loss_weight
+        self.moe_z_loss_weight = moe_z_loss_weight
+
+    def forward(self, model, sample, reduce=True):
+        net_output = model(**sample["net_input"])
+        loss, nll_loss = self.compute_loss(model, net_output, sample, reduce=reduce)
+        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
+        aux, moe_log = self.moe_loss(net_output, sample_size)
+        loss = loss + aux
+        logging_output = {
+            "loss": loss.data,
+            "nll_loss": nll_loss.data,
+            "ntokens": sample["ntokens"],
+            "nsentences": sample["target"].size(0),
+            "sample_size": sample_size,
+            **moe_log,
+        }
+        if self.report_accuracy:
+            n_correct, total = self.compute_accuracy(model, net_output, sample)
+            logging_output["n_correct"] = n_correct.data
+            logging_output["total"] = total.data
+        return loss, sample_size, logging_output
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs) -> None:
+        super().reduce_metrics(logging_outputs)
+        reduce_moe_metrics(logging_outputs, sum(log.get("sample_size", 0) for log in logging_outputs))

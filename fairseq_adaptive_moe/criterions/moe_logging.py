@@ -1,0 +1,88 @@
+"""MoE auxiliary losses and metrics shared by every criterion of this plugin.
+
+A criterion calls :func:`moe_auxiliary_loss` and :func:`moe_logging_output` on the list of
+``MoEStats`` in ``net_output[1]["moe_stats"]``, and :func:`reduce_moe_metrics` from its
+``reduce_metrics``. Logged sums add up across batches and workers; ratios are derived at the end.
+
+Metrics: ``moe_loss`` (the weighted auxiliary loss per ``sample_size`` unit), ``moe_2x`` (share of
+routed tokens that used 2+ experts, all MoE layers), ``moe_2x_enc0``/``moe_2x_dec1``... (the same
+per layer), ``moe_ept`` (expert slots per token: 1.0 = top-1 compute, 2.0 = top-2),
+``moe_imbalance`` (max expert load / mean expert load, averaged over layers; 1.0 = balanced),
+``moe_dropped`` (share of wanted slots dropped by a capacity limit; only with a capacity factor).
+"""
+
+from typing import Dict, List, Sequence
+
+import torch
+from torch import Tensor
+
+from fairseq import metrics
+
+from ..moe import MoEStats
+
+
+def moe_auxiliary_loss(stats: Sequence[MoEStats], balance_weight: float, z_weight: float) -> Tensor:
+    """``balance_weight * sum_l L_balance,l + z_weight * sum_l L_z,l`` over the MoE layers."""
+    if not stats:
+        return torch.zeros(())
+    loss = balance_weight * torch.stack([s.balance_loss for s in stats]).sum()
+    if z_weight > 0:
+        loss = loss + z_weight * torch.stack([s.z_loss for s in stats]).sum()
+    return loss
+
+
+def short_name(name: str) -> str:
+    """``encoder.0`` -> ``enc0``, ``decoder.3`` -> ``dec3``."""
+    part, _, index = name.partition(".")
+    return {"encoder": "enc", "decoder": "dec"}.get(part, part) + index
+
+
+def moe_logging_output(stats: Sequence[MoEStats]) -> Dict[str, float]:
+    """Per-layer sums for a logging output, read from the device in one transfer."""
+    if not stats:
+        return {}
+    rows = []
+    for s in stats:
+        load = s.expert_load.float()
+        rows.append(torch.stack([
+            s.num_tokens.float(), s.num_multi.float(), load.sum(),
+            load.max() * load.numel(), s.dropped_slots.float(),
+        ]))
+    values = torch.stack(rows).tolist()
+    out: Dict[str, float] = {}
+    for s, (tokens, multi, slots, max_load_x_e, dropped) in zip(stats, values):
+        n = short_name(s.name)
+        out[f"moe_tokens_{n}"] = tokens
+        out[f"moe_multi_{n}"] = multi
+        out[f"moe_slots_{n}"] = slots
+        out[f"moe_maxload_{n}"] = max_load_x_e
+        out[f"moe_dropped_{n}"] = dropped
+    return out
+
+
+def reduce_moe_metrics(logging_outputs: List[Dict], sample_size: float) -> None:
+    """Log the MoE metrics of a list of logging outputs (see the module docstring)."""
+    def total(key):
+        return sum(log.get(key, 0) for log in logging_outputs)
+
+    if any("moe_loss" in log for log in logging_outputs):
+        metrics.log_scalar("moe_loss", total("moe_loss") / max(sample_size, 1), sample_size, round=4)
+    layers = sorted({k[len("moe_tokens_"):] for log in logging_outputs for k in log
+                     if k.startswith("moe_tokens_")}, key=lambda n: (n[:3], int(n[3:] or 0)))
+    if not layers:
+        return
+    sums = {n: {f: total(f"moe_{f}_{n}") for f in ("tokens", "multi", "slots", "maxload", "dropped")}
+            for n in layers}
+    tokens = sum(v["tokens"] for v in sums.values())
+    metrics.log_scalar("moe_2x", sum(v["multi"] for v in sums.values()) / max(tokens, 1), tokens,
+                       round=4)
+    metrics.log_scalar("moe_ept", sum(v["slots"] for v in sums.values()) / max(tokens, 1), tokens,
+                       round=4)
+    metrics.log_scalar("moe_imbalance", sum(v["maxload"] / max(v["slots"], 1) for v in sums.values())
+                       / len(sums), tokens, round=3)
+    dropped = sum(v["dropped"] for v in sums.values())
+    if dropped > 0:
+        wanted = dropped + sum(v["slots"] for v in sums.values())
+        metrics.log_scalar("moe_dropped", dropped / wanted, tokens, round=4)
+    for n, v in sums.items():
+        metrics.log_scalar(f"moe_2x_{n}", v["multi"] / max(v["tokens"], 1), v["tokens"], round=4)

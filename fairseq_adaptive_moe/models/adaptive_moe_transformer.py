@@ -1,0 +1,281 @@
+"""``adaptive_moe_transformer``: fairseq's encoder-decoder transformer with MoE FFNs.
+
+Every ``--moe-freq``-th encoder and decoder layer gets an MoE FFN; ``--moe-freq 0`` is the
+dense baseline in the same code path. The MoE statistics of one forward travel as a list of
+``MoEStats`` in ``net_output[1]["moe_stats"]`` (encoder layers first), where the criterion reads
+them.
+"""
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from fairseq.dataclass.utils import gen_parser_from_dataclass
+from fairseq.distributed import fsdp_wrap
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.transformer import (
+    TransformerConfig,
+    TransformerDecoderBase,
+    TransformerEncoderBase,
+    TransformerModelBase,
+)
+from fairseq.models.transformer.transformer_legacy import base_architecture
+from fairseq.modules.checkpoint_activations import checkpoint_wrapper
+
+from .config import MoEConfig, exit_on_bad_moe_args, set_moe_defaults
+from .layers import (
+    MoETransformerDecoderLayer,
+    MoETransformerEncoderLayer,
+    is_moe_layer,
+    layer_stats,
+)
+
+
+@dataclass
+class AdaptiveMoETransformerConfig(TransformerConfig, MoEConfig):
+    """fairseq's ``TransformerConfig`` plus the ``moe_*`` options."""
+
+
+def _wrap(layer, cfg):
+    """fairseq's activation checkpointing / FSDP wrapping, as its own layer builders do."""
+    if cfg.checkpoint_activations:
+        layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
+    return fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap if not cfg.checkpoint_activations else 0)
+
+
+class _LayerCounter:
+    """fairseq builds its layers inside ``__init__`` without passing their index; count them."""
+
+    def _next_layer_index(self) -> int:
+        index = self.__dict__.get("_layers_built", 0)
+        self.__dict__["_layers_built"] = index + 1
+        return index
+
+
+class AdaptiveMoETransformerEncoder(_LayerCounter, TransformerEncoderBase):
+    def build_encoder_layer(self, cfg):
+        index = self._next_layer_index()
+        if not is_moe_layer(index, cfg.moe_freq):
+            return super().build_encoder_layer(cfg)
+        return _wrap(MoETransformerEncoderLayer(cfg, name=f"encoder.{index}"), cfg)
+
+    def forward_scriptable(self, src_tokens, src_lengths: Optional[Tensor] = None,
+                           return_all_hiddens: bool = False,
+                           token_embeddings: Optional[Tensor] = None):
+        """fairseq's encoder forward, collecting each MoE layer's stats in ``moe_stats``."""
+        encoder_padding_mask = src_tokens.eq(self.padding_idx)
+        has_pads = encoder_padding_mask.any()
+        x, encoder_embedding = self.forward_embedding(src_tokens, token_embeddings)
+        x = x * (1 - encoder_padding_mask.unsqueeze(-1).type_as(x) * has_pads.type_as(x))
+        x = x.transpose(0, 1)  # B x T x C -> T x B x C
+
+        encoder_states = [x] if return_all_hiddens else []
+        moe_stats = []
+        for layer in self.layers:
+            result = layer(x, encoder_padding_mask=encoder_padding_mask if has_pads else None)
+            x = result[0] if isinstance(result, tuple) else result
+            stats = layer_stats(result)
+            if stats is not None:
+                moe_stats.append(stats)
+            if return_all_hiddens:
+                encoder_states.append(x)
+
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        src_lengths = src_tokens.ne(self.padding_idx).sum(dim=1, dtype=torch.int32).reshape(-1, 1)
+        return {
+            "encoder_out": [x],  # T x B x C
+            "encoder_padding_mask": [encoder_padding_mask],  # B x T
+            "encoder_embedding": [encoder_embedding],  # B x T x C
+            "encoder_states": encoder_states,  # List[T x B x C]
+            "fc_results": [],
+            "src_tokens": [],
+            "src_lengths": [src_lengths],
+            "moe_stats": moe_stats,  # List[MoEStats]; dropped by reorder_encoder_out
+        }
+
+
+class AdaptiveMoETransformerDecoder(_LayerCounter, TransformerDecoderBase):
+    def build_decoder_layer(self, cfg, no_encoder_attn=False):
+        index = self._next_layer_index()
+        if not is_moe_layer(index, cfg.moe_freq):
+            return super().build_decoder_layer(cfg, no_encoder_attn)
+        return _wrap(MoETransformerDecoderLayer(cfg, f"decoder.{index}", no_encoder_attn), cfg)
+
+    def extract_features_scriptable(
+        self,
+        prev_output_tokens,
+        encoder_out: Optional[Dict[str, List[Tensor]]],
+        incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
+        full_context_alignment: bool = False,
+        alignment_layer: Optional[int] = None,
+        alignment_heads: Optional[int] = None,
+    ):
+        """fairseq's decoder features, collecting each MoE layer's stats in ``extra["moe_stats"]``."""
+        if alignment_layer is None:
+            alignment_layer = self.num_layers - 1
+        enc: Optional[Tensor] = None
+        padding_mask: Optional[Tensor] = None
+        if encoder_out is not None and len(encoder_out["encoder_out"]) > 0:
+            enc = encoder_out["encoder_out"][0]
+        if encoder_out is not None and len(encoder_out["encoder_padding_mask"]) > 0:
+            padding_mask = encoder_out["encoder_padding_mask"][0]
+
+        positions = None
+        if self.embed_positions is not None:
+            positions = self.embed_positions(prev_output_tokens, incremental_state=incremental_state)
+        # the padding mask is taken before incremental decoding cuts the input to one position
+        self_attn_padding_mask: Optional[Tensor] = None
+        if prev_output_tokens.eq(self.padding_idx).any():
+            self_attn_padding_mask = prev_output_tokens.eq(self.padding_idx)
+        if incremental_state is not None:
+            prev_output_tokens = prev_output_tokens[:, -1:]
+            if positions is not None:
+                positions = positions[:, -1:]
+            if self_attn_padding_mask is not None:
+                self_attn_padding_mask = self_attn_padding_mask[:, -1:]
+                if not self_attn_padding_mask.any():
+                    self_attn_padding_mask = None
+
+        x = self.embed_scale * self.embed_tokens(prev_output_tokens.contiguous())
+        if self.quant_noise is not None:
+            x = self.quant_noise(x)
+        if self.project_in_dim is not None:
+            x = self.project_in_dim(x)
+        if positions is not None:
+            x += positions
+        if self.layernorm_embedding is not None:
+            x = self.layernorm_embedding(x)
+        x = self.dropout_module(x)
+        x = x.transpose(0, 1)  # B x T x C -> T x B x C
+
+        attn: Optional[Tensor] = None
+        inner_states: List[Optional[Tensor]] = [x]
+        moe_stats = []
+        for idx, layer in enumerate(self.layers):
+            if incremental_state is None and not full_context_alignment:
+                self_attn_mask = self.buffered_future_mask(x)
+            else:
+                self_attn_mask = None
+            result = layer(
+                x, enc, padding_mask, incremental_state,
+                self_attn_mask=self_attn_mask,
+                self_attn_padding_mask=self_attn_padding_mask,
+                need_attn=bool(idx == alignment_layer),
+                need_head_weights=bool(idx == alignment_layer),
+            )
+            x, layer_attn = result[0], result[1]
+            stats = layer_stats(result)
+            if stats is not None:
+                moe_stats.append(stats)
+            inner_states.append(x)
+            if layer_attn is not None and idx == alignment_layer:
+                attn = layer_attn.float().to(x)
+
+        if attn is not None:
+            if alignment_heads is not None:
+                attn = attn[:alignment_heads]
+            attn = attn.mean(dim=0)  # average probabilities over heads
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        x = x.transpose(0, 1)  # T x B x C -> B x T x C
+        if self.project_out_dim is not None:
+            x = self.project_out_dim(x)
+        return x, {"attn": [attn], "inner_states": inner_states, "moe_stats": moe_stats}
+
+
+@register_model("adaptive_moe_transformer")
+class AdaptiveMoETransformerModel(TransformerModelBase):
+    """Encoder-decoder transformer whose FFNs are adaptive-gating MoE layers."""
+
+    def __init__(self, cfg, encoder, decoder):
+        cfg = AdaptiveMoETransformerConfig.from_namespace(cfg)
+        super().__init__(cfg, encoder, decoder)
+        self.args = cfg
+
+    @classmethod
+    def add_args(cls, parser):
+        # defaults are left to the architectures, as fairseq's legacy transformer does
+        gen_parser_from_dataclass(parser, AdaptiveMoETransformerConfig(), delete_default=True,
+                                  with_prefix="")
+
+    @classmethod
+    def build_model(cls, args, task):
+        ARCHITECTURES.get(getattr(args, "arch", None), adaptive_moe_transformer)(args)
+        return super().build_model(AdaptiveMoETransformerConfig.from_namespace(args), task)
+
+    @classmethod
+    def build_encoder(cls, cfg, src_dict, embed_tokens):
+        return AdaptiveMoETransformerEncoder(cfg, src_dict, embed_tokens)
+
+    @classmethod
+    def build_decoder(cls, cfg, tgt_dict, embed_tokens):
+        return AdaptiveMoETransformerDecoder(cfg, tgt_dict, embed_tokens,
+                                             no_encoder_attn=cfg.no_cross_attention)
+
+    def forward(self, src_tokens, src_lengths, prev_output_tokens, return_all_hiddens: bool = True,
+                features_only: bool = False, alignment_layer: Optional[int] = None,
+                alignment_heads: Optional[int] = None):
+        encoder_out = self.encoder(src_tokens, src_lengths=src_lengths,
+                                   return_all_hiddens=return_all_hiddens)
+        x, extra = self.decoder(prev_output_tokens, encoder_out=encoder_out,
+                                features_only=features_only, alignment_layer=alignment_layer,
+                                alignment_heads=alignment_heads, src_lengths=src_lengths,
+                                return_all_hiddens=return_all_hiddens)
+        extra["moe_stats"] = encoder_out["moe_stats"] + extra["moe_stats"]
+        return x, extra
+
+
+ARCHITECTURES: Dict[str, Any] = {}
+
+
+def _architecture(name):
+    def register(fn):
+        ARCHITECTURES[name] = fn
+        return register_model_architecture("adaptive_moe_transformer", name)(fn)
+    return register
+
+
+@_architecture("adaptive_moe_transformer")
+def adaptive_moe_transformer(args, **moe_defaults):
+    """fairseq's transformer base dimensions (6+6 layers, d 512, FFN 2048), 16 experts."""
+    set_moe_defaults(args, **moe_defaults)
+    base_architecture(args)
+    exit_on_bad_moe_args(args)
+
+
+@_architecture("adaptive_moe_transformer_tiny")
+def adaptive_moe_transformer_tiny(args):
+    """For tests and CPU demos: 2+2 layers, d 64, FFN 128, 4 heads, 4 experts."""
+    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 64)
+    args.encoder_ffn_embed_dim = getattr(args, "encoder_ffn_embed_dim", 128)
+    args.encoder_layers = getattr(args, "encoder_layers", 2)
+    args.encoder_attention_heads = getattr(args, "encoder_attention_heads", 4)
+    args.decoder_layers = getattr(args, "decoder_layers", 2)
+    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", 4)
+    adaptive_moe_transformer(args, moe_expert_count=4)
+
+
+@_architecture("adaptive_moe_transformer_small")
+def adaptive_moe_transformer_small(args):
+    """Quick GPU runs and longer CPU runs: 3+3 layers, d 512, FFN 2048, 8 heads, 8 experts."""
+    args.encoder_layers = getattr(args, "encoder_layers", 3)
+    args.decoder_layers = getattr(args, "decoder_layers", 3)
+    adaptive_moe_transformer(args, moe_expert_count=8)
+
+
+@_architecture("adaptive_moe_transformer_wmt19_de_en")
+def adaptive_moe_transformer_wmt19_de_en(args):
+    """FSMT WMT19 de-en shape: 6+6 layers, d 1024, encoder FFN 8192, decoder FFN 4096, 16 heads,
+    16 experts."""
+    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 1024)
+    args.encoder_ffn_embed_dim = getattr(args, "encoder_ffn_embed_dim", 8192)
+    args.encoder_attention_heads = getattr(args, "encoder_attention_heads", 16)
+    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", 1024)
+    args.decoder_ffn_embed_dim = getattr(args, "decoder_ffn_embed_dim", 4096)
+    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", 16)
+    args.dropout = getattr(args, "dropout", 0.2)
+    args.share_all_embeddings = getattr(args, "share_all_embeddings", True)
+    adaptive_moe_transformer(args, moe_expert_count=16)

@@ -1,0 +1,129 @@
+"""Stacked expert FFNs computed as grouped GEMMs over expert-sorted rows.
+
+Legend: (E) local experts, (N) rows sorted by expert, (C) model dim, (F) FFN dim.
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_accurate": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "tanh": torch.tanh,
+    "silu": F.silu,
+    "swish": F.silu,
+    "linear": lambda x: x,
+}
+
+_HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+
+
+def _grouped_mm_ok(x: Tensor, w: Tensor) -> bool:
+    """Whether ``F.grouped_mm`` takes these operands: CPU, or CUDA bf16, 16-byte-aligned rows."""
+    if not _HAS_GROUPED_MM:
+        return False
+    if x.device.type == "cuda" and x.dtype != torch.bfloat16:
+        return False
+    if x.device.type not in ("cpu", "cuda"):
+        return False
+    item = x.element_size()
+    return (x.shape[-1] * item) % 16 == 0 and (w.shape[-1] * item) % 16 == 0
+
+
+def grouped_linear(rows: Tensor, weight: Tensor, bias: Tensor, offsets: Tensor, group: Tensor,
+                   valid: Tensor, counts: Tensor) -> Tensor:
+    """``rows[i] @ weight[group[i]] + bias[group[i]]`` for the sorted rows (N, Cin) -> (N, Cout).
+
+    Rows past the last group end are uninitialised by ``grouped_mm``; they are masked with
+    ``where`` (never multiplied by zero, which would keep a NaN). Without ``grouped_mm`` (torch
+    < 2.9, unaligned shapes, CUDA non-bf16) a per-expert loop over ``weight.unbind(0)`` computes
+    the same thing; it syncs once for the group sizes.
+    """
+    if _grouped_mm_ok(rows, weight):
+        out = F.grouped_mm(rows, weight, offs=offsets)
+    else:
+        sizes = counts.tolist()
+        used = sum(sizes)
+        parts = [r @ w for r, w in zip(rows[:used].split(sizes), weight.unbind(0))]
+        tail = rows.new_zeros(rows.shape[0] - used, weight.shape[-1])
+        out = torch.cat(parts + [tail], dim=0)
+    out = out + bias.index_select(0, group.clamp_max(bias.shape[0] - 1))
+    return torch.where(valid.unsqueeze(-1), out, out.new_zeros(()))
+
+
+class ExpertFFN(nn.Module):
+    """E feed-forward experts ``fc2(act(fc1(x)))`` with stacked weights.
+
+    fc1_weight (E, C, F), fc1_bias (E, F), fc2_weight (E, F, C), fc2_bias (E, C). Every expert
+    parameter carries ``moe_expert = True``; select expert parameters by that tag, never by name.
+    Each expert is initialised like ``nn.Linear`` from its own generator seeded by ``seed`` and
+    its global index (``first_expert + e``), so an expert's initial weights do not depend on how
+    the experts are sharded over ranks.
+    """
+
+    def __init__(self, num_experts: int, embed_dim: int, ffn_dim: int, activation: str = "relu",
+                 activation_dropout: float = 0.0, first_expert: int = 0,
+                 seed: Optional[int] = None):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
+        self.num_experts, self.embed_dim, self.ffn_dim = num_experts, embed_dim, ffn_dim
+        self.activation = activation
+        self.activation_fn = ACTIVATIONS[activation]
+        self.activation_dropout = activation_dropout
+        self.first_expert = first_expert
+        self.fc1_weight = nn.Parameter(torch.empty(num_experts, embed_dim, ffn_dim))
+        self.fc1_bias = nn.Parameter(torch.empty(num_experts, ffn_dim))
+        self.fc2_weight = nn.Parameter(torch.empty(num_experts, ffn_dim, embed_dim))
+        self.fc2_bias = nn.Parameter(torch.empty(num_experts, embed_dim))
+        for p in self.parameters():
+            p.moe_expert = True
+        self.reset_parameters(seed)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: Optional[int] = None) -> None:
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        for e in range(self.num_experts):
+            gen = torch.Generator().manual_seed(seed + 7919 * (self.first_expert + e))
+            for w, b in ((self.fc1_weight, self.fc1_bias), (self.fc2_weight, self.fc2_bias)):
+                bound = 1.0 / math.sqrt(w.shape[1])  # nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+                w[e].copy_(torch.empty(w.shape[1:]).uniform_(-bound, bound, generator=gen))
+                b[e].copy_(torch.empty(b.shape[1:]).uniform_(-bound, bound, generator=gen))
+
+    @torch.no_grad()
+    def load_dense(self, fc1: nn.Linear, fc2: nn.Linear, experts=None) -> None:
+        """Copy a dense FFN (``nn.Linear`` fc1/fc2) into the given experts (default: all)."""
+        for e in range(self.num_experts) if experts is None else experts:
+            self.fc1_weight[e].copy_(fc1.weight.t())
+            self.fc1_bias[e].copy_(fc1.bias)
+            self.fc2_weight[e].copy_(fc2.weight.t())
+            self.fc2_bias[e].copy_(fc2.bias)
+
+    def compute_dtype(self, x: Tensor) -> torch.dtype:
+        # grouped_mm's CUDA path wants bf16: fp16 (fairseq --fp16/--amp) expert GEMMs run in bf16.
+        if x.device.type == "cuda" and x.dtype == torch.float16 and _HAS_GROUPED_MM:
+            return torch.bfloat16
+        return x.dtype
+
+    def forward(self, rows: Tensor, plan) -> Tensor:
+        """(N, C) expert-sorted rows -> (N, C); rows of unused slots come back as 0."""
+        dtype = self.compute_dtype(rows)
+        h = rows.to(dtype)
+        args = (plan.offsets, plan.expert_of_row, plan.valid_row, plan.counts)
+        h = grouped_linear(h, self.fc1_weight.to(dtype), self.fc1_bias.to(dtype), *args)
+        h = self.activation_fn(h)
+        h = F.dropout(h, p=self.activation_dropout, training=self.training)
+        out = grouped_linear(h, self.fc2_weight.to(dtype), self.fc2_bias.to(dtype), *args)
+        return out.to(rows.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, embed_dim={self.embed_dim}, "
+                f"ffn_dim={self.ffn_dim}, activation={self.activation}")

@@ -1,0 +1,177 @@
+"""The MoE layer: route -> dispatch -> compute -> combine, returning ``(output, MoEStats)``."""
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from . import dispatch
+from .experts import ExpertFFN
+from .losses import BALANCE_TOKENS, balance_loss, z_loss
+from .routing import COMBINE_WEIGHTS, GATING_POLICIES, THRESHOLD_PROBS, RoutingDecision, route
+
+EVAL_GATING = ("train",) + GATING_POLICIES
+
+
+@dataclass
+class MoEStats:
+    """What one MoE layer did in one forward. All tensors stay on the device (no host sync).
+
+    balance_loss:      ()  paper Eq. 4 over top-1 decisions (see ``losses.balance_loss``)
+    z_loss:            ()  router z-loss
+    num_tokens:        ()  non-padding tokens routed
+    num_multi:         ()  tokens that used 2+ experts
+    expert_load:       (E,) slots processed by each expert
+    dropped_slots:     ()  slots lost to ``capacity_factor`` (0 when dropless)
+    experts_per_token: input shape without the feature dim; experts each token used (0 = pad)
+    """
+
+    name: str
+    balance_loss: Tensor
+    z_loss: Tensor
+    num_tokens: Tensor
+    num_multi: Tensor
+    expert_load: Tensor
+    dropped_slots: Tensor
+    experts_per_token: Tensor
+
+    @property
+    def multi_fraction(self) -> Tensor:
+        return self.num_multi.float() / self.num_tokens.clamp_min(1).float()
+
+    @property
+    def load_imbalance(self) -> Tensor:
+        """max_e load_e / mean_e load_e: 1.0 is perfectly balanced, E is one expert taking all."""
+        load = self.expert_load.float()
+        return load.max() / load.mean().clamp_min(1e-9)
+
+
+class TopKGate(nn.Module):
+    """Linear gate d -> E (no bias), logits and softmax in fp32, then a gating policy.
+
+    ``policy`` routes while training; ``eval_policy`` ("train" = the same) routes otherwise
+    (the paper evaluates with top-1).
+    """
+
+    def __init__(self, embed_dim: int, num_experts: int, policy: str = "adaptive",
+                 threshold: float = 0.1, max_experts: int = 2, eval_policy: str = "train",
+                 capacity_factor: float = 0.0, threshold_probs: str = "softmax",
+                 combine_weights: str = "softmax"):
+        super().__init__()
+        check_gate_config(num_experts, policy, threshold, max_experts, eval_policy,
+                          capacity_factor, threshold_probs, combine_weights)
+        self.wg = nn.Linear(embed_dim, num_experts, bias=False)
+        self.num_experts = num_experts
+        self.policy, self.eval_policy = policy, eval_policy
+        self.threshold, self.max_experts = threshold, max_experts
+        self.capacity_factor = capacity_factor
+        self.threshold_probs, self.combine_weights = threshold_probs, combine_weights
+
+    def active_policy(self) -> str:
+        if self.training or self.eval_policy == "train":
+            return self.policy
+        return self.eval_policy
+
+    def capacity(self, num_tokens: int) -> Optional[int]:
+        """Slots per expert, ``ceil(capacity_factor * S / E)``; None when dropless."""
+        if self.capacity_factor <= 0:
+            return None
+        return max(1, math.ceil(self.capacity_factor * num_tokens / self.num_experts))
+
+    def forward(self, x: Tensor, token_mask: Optional[Tensor] = None) -> RoutingDecision:
+        logits = nn.functional.linear(x.float(), self.wg.weight.float())  # (S, E) fp32
+        return route(logits, self.active_policy(), self.threshold, self.max_experts, token_mask,
+                     self.threshold_probs, self.combine_weights, self.capacity(x.shape[0]))
+
+    def extra_repr(self) -> str:
+        return (f"policy={self.policy}, eval_policy={self.eval_policy}, threshold={self.threshold}, "
+                f"max_experts={self.max_experts}, capacity_factor={self.capacity_factor}")
+
+
+class GateConfigError(ValueError):
+    """A bad gate option; ``option`` is the constructor argument's name."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option
+
+
+def check_gate_config(num_experts: int, policy: str, threshold: float, max_experts: int,
+                      eval_policy: str = "train", capacity_factor: float = 0.0,
+                      threshold_probs: str = "softmax", combine_weights: str = "softmax") -> None:
+    """Raise :class:`GateConfigError` naming the offending option."""
+    checks = [
+        ("num_experts", num_experts >= 1, f"must be >= 1, got {num_experts}"),
+        ("policy", policy in GATING_POLICIES, f"must be one of {GATING_POLICIES}, got {policy!r}"),
+        ("eval_policy", eval_policy in EVAL_GATING,
+         f"must be one of {EVAL_GATING}, got {eval_policy!r}"),
+        ("threshold", threshold >= 0, f"must be >= 0, got {threshold}"),
+        ("max_experts", 1 <= max_experts <= num_experts,
+         f"must be between 1 and the expert count ({num_experts}), got {max_experts}"),
+        ("policy", policy != "top2" or num_experts >= 2,
+         f"top2 needs at least 2 experts, got {num_experts}"),
+        ("eval_policy", eval_policy != "top2" or num_experts >= 2,
+         f"top2 needs at least 2 experts, got {num_experts}"),
+        ("capacity_factor", capacity_factor >= 0,
+         f"must be >= 0 (0 = dropless), got {capacity_factor}"),
+        ("threshold_probs", threshold_probs in THRESHOLD_PROBS,
+         f"must be one of {THRESHOLD_PROBS}, got {threshold_probs!r}"),
+        ("combine_weights", combine_weights in COMBINE_WEIGHTS,
+         f"must be one of {COMBINE_WEIGHTS}, got {combine_weights!r}"),
+    ]
+    for option, ok, message in checks:
+        if not ok:  # also catches NaN
+            raise GateConfigError(option, f"{option} {message}")
+
+
+class MoELayer(nn.Module):
+    """A mixture-of-experts FFN: ``(x, padding_mask) -> (y, MoEStats)``.
+
+    x is (..., C); ``padding_mask`` (same leading shape, True = pad) keeps padding out of routing,
+    compute, statistics and losses: a pad position uses no expert and its output is 0.
+    """
+
+    def __init__(self, gate: TopKGate, experts: ExpertFFN, name: str = "moe",
+                 balance_tokens: str = "single"):
+        super().__init__()
+        if balance_tokens not in BALANCE_TOKENS:
+            raise ValueError(f"balance tokens must be one of {BALANCE_TOKENS}, got {balance_tokens!r}")
+        self.gate, self.experts = gate, experts
+        self.name = name
+        self.balance_tokens = balance_tokens
+
+    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tuple[Tensor, MoEStats]:
+        lead, embed_dim = x.shape[:-1], x.shape[-1]
+        tokens = x.reshape(-1, embed_dim)  # (S, C)
+        token_mask = None if padding_mask is None else ~padding_mask.reshape(-1)
+
+        decision = self.gate(tokens, token_mask)  # 1. route
+        plan = dispatch.plan(decision)  # 2. dispatch
+        rows = dispatch.permute(tokens, plan)
+        rows = self.experts(rows, plan)  # 3. compute
+        out = dispatch.unpermute_combine(rows, plan, decision)  # 4. combine
+
+        return out.view(*lead, embed_dim).to(x.dtype), self.stats(decision, plan, lead)
+
+    def stats(self, decision: RoutingDecision, plan: dispatch.DispatchPlan, lead) -> MoEStats:
+        per_token = decision.experts_per_token
+        mask = decision.token_mask
+        if self.gate.capacity_factor > 0:
+            wanted = route(decision.logits, self.gate.active_policy(), self.gate.threshold,
+                           self.gate.max_experts, mask, self.gate.threshold_probs).used
+            dropped = wanted.sum() - decision.used.sum()
+        else:
+            dropped = per_token.new_zeros(())
+        return MoEStats(
+            name=self.name,
+            balance_loss=balance_loss(decision, self.balance_tokens),
+            z_loss=z_loss(decision),
+            num_tokens=mask.sum(),
+            num_multi=(per_token >= 2).sum(),
+            expert_load=plan.counts,
+            dropped_slots=dropped,
+            experts_per_token=per_token.view(lead),
+        )

@@ -1,0 +1,298 @@
+"""Oracle tests for the plain-PyTorch MoE layer (no fairseq)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fairseq_adaptive_moe.moe import (
+    ExpertFFN, GateConfigError, MoELayer, TopKGate, balance_loss, route, z_loss,
+)
+from fairseq_adaptive_moe.moe import dispatch
+
+
+def logits_from_probs(rows):
+    """Gate logits whose softmax is exactly the given probability rows."""
+    p = torch.tensor(rows, dtype=torch.float32)
+    return p.log()
+
+
+def make_layer(num_experts=4, dim=8, ffn=16, policy="adaptive", seed=0, **gate_kwargs):
+    torch.manual_seed(seed)
+    gate = TopKGate(dim, num_experts, policy=policy, **gate_kwargs)
+    experts = ExpertFFN(num_experts, dim, ffn, seed=seed)
+    return MoELayer(gate, experts)
+
+
+def reference_moe(layer, x, decision):
+    """Per-token, per-slot loop: the definition the fast path must equal."""
+    e = layer.experts
+    out = torch.zeros_like(x)
+    for s in range(x.shape[0]):
+        for k in range(decision.used.shape[1]):
+            if decision.used[s, k]:
+                j = int(decision.expert_index[s, k])
+                h = e.activation_fn(x[s] @ e.fc1_weight[j] + e.fc1_bias[j])
+                out[s] = out[s] + decision.weight[s, k] * (h @ e.fc2_weight[j] + e.fc2_bias[j])
+    return out
+
+
+# ---- routing on hand-built logits -------------------------------------------------------------
+
+PROBS = [
+    [0.50, 0.45, 0.03, 0.02],  # gap 0.05: two experts at T = 0.1
+    [0.70, 0.20, 0.06, 0.04],  # gap 0.50: one expert
+    [0.10, 0.40, 0.35, 0.15],  # gap 0.05, best is expert 1
+    [0.30, 0.30, 0.25, 0.15],  # exact tie at the top
+]
+
+
+def test_top1_and_top2_use_one_and_two_experts():
+    logits = logits_from_probs(PROBS)
+    d1 = route(logits, "top1")
+    assert d1.used.tolist() == [[True]] * 4
+    assert d1.expert_index[:, 0].tolist()[:3] == [0, 0, 1]
+    d2 = route(logits, "top2")
+    assert d2.used.all() and d2.expert_index[:3].tolist() == [[0, 1], [0, 1], [1, 2]]
+
+
+def test_adaptive_threshold_decides_exactly():
+    d = route(logits_from_probs(PROBS), "adaptive", threshold=0.1)
+    assert d.experts_per_token.tolist() == [2, 1, 2, 2]
+    assert d.expert_index[2].tolist() == [1, 2]
+    # the combine weights are the softmax probabilities of the used experts (default)
+    assert torch.allclose(d.weight[0], torch.tensor([0.50, 0.45]))
+    assert torch.allclose(d.weight[1], torch.tensor([0.70, 0.0]))
+
+
+def test_threshold_zero_is_top1_and_one_is_top2():
+    logits = torch.randn(64, 8)
+    top1, top2 = route(logits, "top1"), route(logits, "top2")
+    t0 = route(logits, "adaptive", threshold=0.0)
+    t1 = route(logits, "adaptive", threshold=1.0)
+    assert t0.experts_per_token.eq(1).all()
+    assert torch.equal(t0.expert_index[:, :1], top1.expert_index)
+    assert torch.equal(t0.weight[:, :1], top1.weight)
+    assert torch.equal(t1.used, top2.used) and torch.equal(t1.weight, top2.weight)
+    assert torch.equal(t1.expert_index, top2.expert_index)
+
+
+def test_adaptive_max_experts_beyond_two():
+    probs = [[0.30, 0.28, 0.25, 0.17], [0.40, 0.35, 0.20, 0.05], [0.9, 0.05, 0.03, 0.02]]
+    d = route(logits_from_probs(probs), "adaptive", threshold=0.1, max_experts=3)
+    # rank j is used iff p1 - pj <= T
+    assert d.used.tolist() == [[True, True, True], [True, True, False], [True, False, False]]
+
+
+def test_renormalized_threshold_and_combine_weights():
+    probs = [[0.20, 0.15, 0.35, 0.30]]  # top-2: 0.35, 0.30 -> renormalized 0.538, 0.462
+    logits = logits_from_probs(probs)
+    soft = route(logits, "adaptive", threshold=0.06)
+    renorm = route(logits, "adaptive", threshold=0.06, threshold_probs="renormalized")
+    assert soft.experts_per_token.tolist() == [2]  # 0.35 - 0.30 = 0.05 <= 0.06
+    assert renorm.experts_per_token.tolist() == [1]  # 0.538 - 0.462 = 0.077 > 0.06
+    w = route(logits, "top2", combine_weights="renormalized").weight
+    assert torch.allclose(w, torch.tensor([[0.35 / 0.65, 0.30 / 0.65]]))
+    w1 = route(logits, "top1", combine_weights="renormalized").weight
+    assert torch.allclose(w1, torch.ones(1, 1))
+
+
+def test_padding_takes_no_expert():
+    logits = torch.randn(5, 4)
+    mask = torch.tensor([True, False, True, True, False])
+    d = route(logits, "top2", token_mask=mask)
+    assert d.experts_per_token.tolist() == [2, 0, 2, 2, 0]
+    assert d.weight[~mask].abs().sum() == 0
+
+
+def test_capacity_drops_in_priority_order():
+    # every token prefers expert 0; capacity 2 admits the first two first choices only
+    probs = [[0.6, 0.3, 0.05, 0.05]] * 4
+    d = route(logits_from_probs(probs), "top2", capacity=2)
+    assert d.used[:, 0].tolist() == [True, True, False, False]
+    assert d.used[:, 1].tolist() == [True, True, False, False]  # expert 1 fills up the same way
+
+
+# ---- losses -----------------------------------------------------------------------------------
+
+def test_balance_loss_is_one_when_uniform():
+    logits = torch.zeros(8, 4)
+    d = route(logits, "top1")
+    d.expert_index[:, 0] = torch.arange(8) % 4  # uniform first choices
+    assert balance_loss(d).item() == pytest.approx(1.0)
+
+
+def test_balance_loss_ignores_second_choices():
+    torch.manual_seed(1)
+    logits = torch.randn(32, 6)
+    d = route(logits, "top2")
+    before = balance_loss(d, tokens="first")
+    d.expert_index[:, 1] = (d.expert_index[:, 1] + 1) % 6
+    assert balance_loss(d, tokens="first").item() == before.item()
+    a = route(logits, "adaptive", threshold=0.2)
+    before = balance_loss(a)
+    a.expert_index[:, 1] = (a.expert_index[:, 1] + 3) % 6
+    assert balance_loss(a).item() == before.item()
+
+
+def test_balance_loss_counts_only_single_expert_tokens():
+    probs = [[0.50, 0.45, 0.03, 0.02], [0.70, 0.20, 0.06, 0.04], [0.1, 0.8, 0.05, 0.05]]
+    d = route(logits_from_probs(probs), "adaptive", threshold=0.1)
+    p_mean = torch.tensor(probs).mean(0)
+    f1 = torch.tensor([0.5, 0.5, 0.0, 0.0])  # tokens 1 and 2 are single-expert, on experts 0, 1
+    assert balance_loss(d, "single").item() == pytest.approx((4 * f1 * p_mean).sum().item(), rel=1e-6)
+    f1_first = torch.tensor([2 / 3, 1 / 3, 0.0, 0.0])
+    assert balance_loss(d, "first").item() == pytest.approx((4 * f1_first * p_mean).sum().item(), rel=1e-6)
+
+
+def test_z_loss_matches_formula_and_skips_padding():
+    logits = torch.randn(6, 4)
+    mask = torch.tensor([True, True, False, True, True, False])
+    d = route(logits, "top1", token_mask=mask)
+    expected = torch.logsumexp(logits[mask], -1).square().mean()
+    assert z_loss(d).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+# ---- the layer --------------------------------------------------------------------------------
+
+def test_one_expert_equals_dense_ffn():
+    torch.manual_seed(0)
+    dim, ffn = 8, 16
+    fc1, fc2 = nn.Linear(dim, ffn), nn.Linear(ffn, dim)
+    layer = MoELayer(TopKGate(dim, 1, policy="top1", max_experts=1), ExpertFFN(1, dim, ffn))
+    layer.experts.load_dense(fc1, fc2)
+    x = torch.randn(3, 5, dim)
+    y, stats = layer(x)
+    assert torch.allclose(y, fc2(F.relu(fc1(x))), atol=1e-6)
+    assert stats.num_multi.item() == 0 and stats.expert_load.tolist() == [15]
+
+
+def test_identical_experts_reproduce_dense_output_under_renormalized_weights():
+    torch.manual_seed(0)
+    dim, ffn = 8, 16
+    fc1, fc2 = nn.Linear(dim, ffn), nn.Linear(ffn, dim)
+    layer = make_layer(6, dim, ffn, "adaptive", threshold=0.3, combine_weights="renormalized")
+    layer.experts.load_dense(fc1, fc2)
+    x = torch.randn(40, dim)
+    y, stats = layer(x)
+    assert stats.num_multi.item() > 0  # some tokens really took two experts
+    assert torch.allclose(y, fc2(F.relu(fc1(x))), atol=1e-5)
+
+
+def test_identity_experts_round_trip():
+    dim = 8
+    layer = make_layer(4, dim, dim, "top2", combine_weights="renormalized")
+    layer.experts.activation_fn = lambda h: h
+    with torch.no_grad():
+        layer.experts.fc1_weight.copy_(torch.eye(dim).expand(4, dim, dim))
+        layer.experts.fc2_weight.copy_(torch.eye(dim).expand(4, dim, dim))
+        layer.experts.fc1_bias.zero_()
+        layer.experts.fc2_bias.zero_()
+    x = torch.randn(2, 7, dim)
+    y, _ = layer(x)
+    assert torch.allclose(y, x, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy,threshold", [("top1", 0.1), ("top2", 0.1), ("adaptive", 0.15)])
+def test_fast_path_equals_loop_reference_forward_and_backward(policy, threshold):
+    layer = make_layer(5, 8, 12, policy, threshold=threshold)
+    x = torch.randn(37, 8, requires_grad=True)
+    mask = torch.ones(37, dtype=torch.bool)
+    mask[[3, 20]] = False
+    y, _ = layer(x, ~mask)
+    decision = layer.gate(x, mask)
+    ref = reference_moe(layer, x, decision)
+    assert torch.allclose(y, ref, atol=1e-5)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x] + list(layer.parameters()), g)
+    ref_grads = torch.autograd.grad(ref, [x] + list(layer.parameters()), g, allow_unused=True)
+    for a, b in zip(grads, ref_grads):
+        b = torch.zeros_like(a) if b is None else b
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_empty_uneven_and_single_row_groups():
+    layer = make_layer(6, 8, 12, "top1")
+    with torch.no_grad():  # bias the gate so experts get 0, 1 and many rows
+        layer.gate.wg.weight.zero_()
+    x = torch.randn(9, 8)
+    logits = torch.full((9, 6), -10.0)
+    logits[:8, 2] = 10.0
+    logits[8, 4] = 10.0
+    decision = route(logits, "top1")
+    p = dispatch.plan(decision)
+    assert p.counts.tolist() == [0, 0, 8, 0, 1, 0]
+    rows = layer.experts(dispatch.permute(x, p), p)
+    y = dispatch.unpermute_combine(rows, p, decision)
+    assert torch.allclose(y, reference_moe(layer, x, decision), atol=1e-5)
+
+
+def test_single_token_and_all_on_one_expert():
+    layer = make_layer(4, 8, 12, "adaptive")
+    y, stats = layer(torch.randn(1, 8))
+    assert y.shape == (1, 8) and stats.num_tokens.item() == 1
+    with torch.no_grad():
+        layer.gate.wg.weight.zero_()
+        layer.gate.wg.weight[1] = 5.0
+    x = torch.rand(16, 8) + 1.0  # positive inputs: expert 1 wins for every token by far
+    y, stats = layer(x)
+    assert stats.expert_load[1].item() == 16 and stats.load_imbalance.item() == pytest.approx(4.0)
+
+
+def test_padding_gets_zero_output_and_no_statistics():
+    layer = make_layer(4, 8, 12, "top2")
+    x = torch.randn(6, 2, 8)
+    pad = torch.zeros(6, 2, dtype=torch.bool)
+    pad[4:, 1] = True
+    y, stats = layer(x, pad)
+    assert y[4:, 1].abs().sum() == 0
+    assert stats.num_tokens.item() == 10 and stats.expert_load.sum().item() == 20
+    assert stats.experts_per_token[4:, 1].tolist() == [0, 0]
+
+
+def test_gradients_reach_gate_and_experts():
+    layer = make_layer(4, 8, 12, "adaptive", threshold=0.2)
+    y, stats = layer(torch.randn(30, 8))
+    (y.square().sum() + stats.balance_loss).backward()
+    assert layer.gate.wg.weight.grad.abs().sum() > 0
+    for p in layer.experts.parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_capacity_factor_counts_dropped_slots():
+    layer = make_layer(4, 8, 12, "top2", capacity_factor=0.5)
+    y, stats = layer(torch.randn(32, 8))
+    assert (stats.expert_load <= math.ceil(0.5 * 32 / 4)).all()
+    assert stats.dropped_slots.item() == 64 - stats.expert_load.sum().item() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(dtype):
+    layer = make_layer(4, 16, 32, "adaptive").to(dtype)
+    x = torch.randn(20, 16, dtype=dtype, requires_grad=True)
+    y, stats = layer(x)
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    ref, _ = make_layer(4, 16, 32, "adaptive")(x.float())
+    assert torch.allclose(y.float(), ref, atol=0.1)
+    y.float().sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_expert_init_does_not_depend_on_sharding():
+    full = ExpertFFN(4, 8, 12, seed=3)
+    shard = ExpertFFN(2, 8, 12, first_expert=2, seed=3)
+    assert torch.equal(full.fc1_weight[2:], shard.fc1_weight)
+    assert all(getattr(p, "moe_expert", False) for p in full.parameters())
+
+
+@pytest.mark.parametrize("kwargs,option", [
+    (dict(threshold=-0.1), "threshold"), (dict(policy="top3"), "policy"),
+    (dict(max_experts=5), "max_experts"), (dict(eval_policy="x"), "eval_policy"),
+    (dict(capacity_factor=-1.0), "capacity_factor"), (dict(threshold=float("nan")), "threshold"),
+])
+def test_bad_gate_options_name_the_option(kwargs, option):
+    with pytest.raises(GateConfigError) as err:
+        TopKGate(8, 4, **kwargs)
+    assert err.value.option == option

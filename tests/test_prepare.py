@@ -1,0 +1,110 @@
+"""Smoke test for examples/translation/prepare.py on a slice of Multi30k de-en."""
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "examples" / "translation" / "prepare.py"
+DATA = REPO_ROOT.parent / "shared" / "data" / "multi30k-deen"
+
+
+def load_prepare():
+    spec = importlib.util.spec_from_file_location("prepare_translation", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def prepare():
+    return load_prepare()
+
+
+def test_prepare_end_to_end(prepare, tmp_path, capsys, monkeypatch):
+    if not DATA.is_dir():
+        pytest.skip(f"Multi30k data not found at {DATA}")
+    out = tmp_path / "bin"
+    argv = [
+        "--data", str(DATA), "--out", str(out),
+        "--max-train-lines", "300", "--max-eval-lines", "50",
+        "--vocab-size", "500", "--workers", "2",
+    ]
+    assert prepare.main(argv) == 0
+
+    for name in ("dict.de.txt", "dict.en.txt", "train.de-en.de.bin", "test.de-en.en.idx",
+                 "valid.de-en.en.bin", "spm.model", "spm.vocab", "raw/test.en",
+                 "spm/train.de", "prepare.json"):
+        assert (out / name).is_file(), name
+    # no staging leftovers
+    assert not [p for p in out.iterdir() if p.name.startswith(".prepare")]
+
+    raw_test = (out / "raw" / "test.en").read_text(encoding="utf-8").splitlines()
+    assert len(raw_test) == 50
+    expected_first = (DATA / "test.en").read_text(encoding="utf-8").splitlines()[0]
+    assert raw_test[0] == expected_first
+
+    record = json.loads((out / "prepare.json").read_text(encoding="utf-8"))
+    assert record["lines"] == {
+        "train": {"de": 300, "en": 300},
+        "valid": {"de": 50, "en": 50},
+        "test": {"de": 50, "en": 50},
+    }
+    assert record["args"]["vocab_size"] == 500
+    for split, n in (("train", 300), ("valid", 50), ("test", 50)):
+        for lang in ("de", "en"):
+            lines = (out / "spm" / f"{split}.{lang}").read_text(encoding="utf-8").splitlines()
+            assert len(lines) == n
+    capsys.readouterr()
+
+    # second run without --force: reused, fast, untouched
+    mtime = (out / "prepare.json").stat().st_mtime_ns
+    t0 = time.monotonic()
+    assert prepare.main(argv) == 0
+    assert time.monotonic() - t0 < 5
+    assert "reusing" in capsys.readouterr().out
+    assert (out / "prepare.json").stat().st_mtime_ns == mtime
+
+    # reuse with different settings still exits 0 but warns
+    assert prepare.main(argv[:-4] + ["--vocab-size", "600", "--workers", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "reusing" in captured.out and "vocab_size" in captured.err
+
+    # a failing --force rebuild leaves no prepare.json and no staging dir
+    def boom(*a, **k):
+        raise RuntimeError("simulated fairseq-preprocess failure")
+
+    monkeypatch.setattr(prepare, "run_preprocess", boom)
+    assert prepare.main(argv + ["--force"]) == 1
+    assert "simulated" in capsys.readouterr().err
+    assert not (out / "prepare.json").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".prepare")]
+
+
+def test_missing_data_exits_2(prepare, tmp_path, capsys):
+    missing = tmp_path / "no-such-data"
+    out = tmp_path / "out"
+    assert prepare.main(["--data", str(missing), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_missing_file_exits_2(prepare, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "valid", "test"):
+        for lang in ("de", "en"):
+            if (split, lang) != ("test", "en"):
+                (data / f"{split}.{lang}").write_text("a\n", encoding="utf-8")
+    out = tmp_path / "out"
+    out.mkdir()
+    assert prepare.main(["--data", str(data), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(data / "test.en") in err
+    assert len(err.strip().splitlines()) == 1
+    assert list(out.iterdir()) == []
