@@ -22,6 +22,8 @@ setup(
     ],
     extras_require={"dev": ["pytest>=7", "pytest-timeout"]},
     entry_points={
-        "console_scripts": [],
+        "console_scripts": [
+            "adaptive-moe-bench = fairseq_adaptive_moe.cli.bench:main",
+        ],
     },
 )

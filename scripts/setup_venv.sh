@@ -13,7 +13,7 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-pip() { "$VENV/bin/python" -m pip "$@"; }
+pip() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 pip install -q --upgrade "pip<26" "setuptools<81" wheel
 pip install -q "$TORCH_SPEC" "cython<3.2" "numpy<2.3"
 # fairseq imports torch while building: build it against the torch installed above.

@@ -149,12 +149,15 @@ class MoELayer(nn.Module):
         token_mask = None if padding_mask is None else ~padding_mask.reshape(-1)
 
         decision = self.gate(tokens, token_mask)  # 1. route
+        out, plan = self.apply_experts(tokens, decision)
+        return out.view(*lead, embed_dim).to(x.dtype), self.stats(decision, plan, lead)
+
+    def apply_experts(self, tokens: Tensor, decision: RoutingDecision):
+        """Steps 2-4 for (S, C) tokens and a given decision -> ((S, C) output, DispatchPlan)."""
         plan = dispatch.plan(decision)  # 2. dispatch
         rows = dispatch.permute(tokens, plan)
         rows = self.experts(rows, plan)  # 3. compute
-        out = dispatch.unpermute_combine(rows, plan, decision)  # 4. combine
-
-        return out.view(*lead, embed_dim).to(x.dtype), self.stats(decision, plan, lead)
+        return dispatch.unpermute_combine(rows, plan, decision), plan  # 4. combine
 
     def stats(self, decision: RoutingDecision, plan: dispatch.DispatchPlan, lead) -> MoEStats:
         per_token = decision.experts_per_token
