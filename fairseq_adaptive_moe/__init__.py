@@ -9,3 +9,7 @@ from . import checkpoint_compat  # noqa: F401  (first: before fairseq loads any 
 from . import criterions, models  # noqa: F401  (registration)
 
 __version__ = "0.1.0"
+
+from .cli.fairseq_help import register_if_help_requested as _register_help  # noqa: E402
+
+_register_help()

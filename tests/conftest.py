@@ -28,11 +28,11 @@ def load_script(relpath: str):
     return module
 
 
-def run_cli(tool: str, *args, cwd=None, check=True, timeout=600):
+def run_cli(tool: str, *args, cwd=None, check=True, timeout=600, input=None):
     """Run a fairseq console script of this venv; returns the CompletedProcess."""
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
     proc = subprocess.run([str(BIN / tool), *map(str, args)], cwd=cwd, env=env, text=True,
-                          capture_output=True, timeout=timeout)
+                          capture_output=True, timeout=timeout, input=input)
     if check and proc.returncode != 0:
         raise AssertionError(f"{tool} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc

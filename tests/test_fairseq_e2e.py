@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from conftest import ROOT, USER_DIR, load_script, run_cli
+import fairseq_adaptive_moe  # noqa: F401  (what --user-dir does: registers, allows checkpoints)
+from conftest import USER_DIR, load_script, run_cli
 
 TRAIN = [
     "--user-dir", USER_DIR, "--task", "translation", "--arch", "adaptive_moe_transformer_tiny",
@@ -71,6 +72,16 @@ def test_generate_as_trained_and_with_top1_override(trained, m30k_bin, tmp_path)
         assert score.main([str(out), str(m30k_bin / "raw" / "test.en")]) == 0
 
 
+def test_interactive_loads_the_checkpoint(trained, m30k_bin):
+    save, _ = trained
+    source = "▁Ein ▁Mann ▁mit ▁einem ▁Hut .\n▁Zwei ▁Hunde .\n"
+    proc = run_cli("fairseq-interactive", m30k_bin, "--user-dir", USER_DIR,
+                   "--path", save / "checkpoint_last.pt", "--cpu", "--beam", "2",
+                   "--source-lang", "de", "--target-lang", "en", "--max-len-b", "10",
+                   input=source)
+    assert len([line for line in proc.stdout.splitlines() if line.startswith("H-")]) == 2
+
+
 def test_model_overrides_switch_eval_gating(trained, m30k_bin):
     from fairseq import checkpoint_utils
     save, _ = trained
@@ -78,6 +89,7 @@ def test_model_overrides_switch_eval_gating(trained, m30k_bin):
         [str(save / "checkpoint_last.pt")], arg_overrides={"moe_eval_gating": "top1"})
     model = models[0].eval()
     assert model.encoder.layers[0].moe.gate.eval_policy == "top1"
+    task.load_dataset("valid")
     batch = next(iter(task.get_batch_iterator(task.dataset("valid"), max_tokens=500).next_epoch_itr()))
     with torch.no_grad():
         _, extra = model(**batch["net_input"])

@@ -8,6 +8,7 @@
 # DATA_DIR holds {train,valid,test}.{de,en} raw text (default: ../shared/data/multi30k-deen).
 # Environment knobs: MAX_UPDATE (default 1200), GATING (adaptive), THRESHOLD (0.1), EXTRA_TRAIN_ARGS.
 set -euo pipefail
+shopt -s inherit_errexit 2>/dev/null || true
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 data=${1:-$root/../shared/data/multi30k-deen}
@@ -32,8 +33,8 @@ start=$(date +%s)
   --warmup-updates 400 --dropout 0.1 --weight-decay 0.0001 \
   --max-tokens 4096 --max-update "$MAX_UPDATE" --cpu --seed 1 \
   --save-dir "$ckpt" --no-epoch-checkpoints --keep-last-epochs 1 \
-  --log-format json --log-interval 100 --log-file "$out/train-$GATING.log" \
-  ${EXTRA_TRAIN_ARGS:-}
+  --log-format json --log-interval 100 \
+  ${EXTRA_TRAIN_ARGS:-} 2>&1 | tee "$out/train-$GATING.log"
 train_s=$(( $(date +%s) - start ))
 
 gen() {  # gen NAME [fairseq-generate args...]

@@ -1,0 +1,658 @@
+"""``adaptive-moe-bench``: the paper's Table 1, measured for several MoE implementations at once.
+
+Li et al. (EMNLP 2023), Table 1: the time of one MoE layer (forward+backward) when a fraction f of
+the tokens takes a single expert and the rest take two, relative to top-2 (f = 0). Adaptive gating
+saves time only if the implementation's cost follows the rows it computes, S * (2 - f).
+
+The routing is set exactly, not learned: :func:`craft_decision` builds gate logits for which the
+paper's adaptive rule (``p_1 - p_2 <= T``) gives exactly ``round(f * S)`` single-expert tokens,
+with balanced expert loads. Every implementation times the same decision for the same tokens:
+
+* ``ours``: gate linear + ``MoELayer.apply_experts`` (sort by expert, ``grouped_mm``, gather combine)
+* ``loop``: gate linear + a per-expert Python loop (``.tolist()`` group sizes, ``W.unbind(0)``)
+* ``padded_einsum``: gate linear + GShard-style one-hot dispatch mask (S, E, C) with the capacity
+  C = the decision's max expert load, einsum dispatch, batched expert matmuls, einsum combine
+* ``fairscale``: ``fairscale.nn.moe.MOELayer`` + ``Top2Gate`` (capacity 2S/E). It can only route
+  top-2, so it runs at f = 0 only; with a fixed capacity, adaptive gating would save nothing there.
+* ``dense``: one dense FFN over the S * (2 - f) rows the MoE computes: a lower bound.
+
+Forward is timed in training mode (autograd records the graph); fwd+bwd adds ``backward`` with a
+fixed output gradient. Repeats run round-robin over the fractions, so background load hits every
+fraction alike; the median is reported.
+"""
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import platform
+import random
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..moe import ExpertFFN, MoELayer, RoutingDecision, TopKGate, route
+
+PROG = "adaptive-moe-bench"
+IMPLEMENTATIONS = ("ours", "loop", "padded_einsum", "fairscale", "dense")
+DEFAULT_FRACTIONS = (0.0, 0.2, 0.5, 0.8, 1.0)
+# Paper Table 1 (A100): fwd+bwd time relative to top-2 at each single-expert fraction.
+PAPER_TABLE1 = {0.0: 1.0, 0.2: 0.97, 0.5: 0.92, 0.8: 0.76, 1.0: 0.67}
+THRESHOLD = 0.1  # the paper's T; craft_decision's gaps are 0.04 (two experts) and >= 0.54 (one)
+
+# Shape presets: experts, dim, ffn, tokens, dtype, warmup, repeats.
+PRESETS = {
+    "cpu": dict(experts=8, dim=256, ffn=1024, tokens=[2048], dtype="float32", warmup=1, repeats=5),
+    "cuda": dict(experts=16, dim=1024, ffn=4096, tokens=[4096, 16384, 65536], dtype="bfloat16",
+                 warmup=3, repeats=10),
+    "quick": dict(experts=4, dim=32, ffn=64, tokens=[256], dtype="float32", warmup=1, repeats=1),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Peak bytes per element of the (S, E, C) einsum tensors (masks, their grads, autocast copies);
+# fairscale measured ~17 on the H200 (9.2 GB at 16k tokens). Above 80% of free memory: skipped.
+EINSUM_BYTES_PER_ELEMENT = 20
+
+
+# ---- crafted routing ---------------------------------------------------------------------------
+
+def single_expert_count(num_tokens: int, fraction: float) -> int:
+    """How many of S tokens take one expert at fraction f: ``round(f * S)``."""
+    return int(round(fraction * num_tokens))
+
+
+def _assign_experts(num_tokens: int, num_experts: int, single: List[bool], rng: random.Random):
+    """First and second experts per token: loads balanced over all used slots (within one row),
+    pairs random, the two experts of a token distinct."""
+    two = [t for t in range(num_tokens) if not single[t]]
+    labels = [j % num_experts for j in range(num_tokens + len(two))]
+    rng.shuffle(labels)
+    first, second = labels[:num_tokens], labels[num_tokens:]
+    # Swapping second choices between tokens keeps the multiset, hence the loads.
+    for i, t in enumerate(two):
+        if second[i] != first[t]:
+            continue
+        for _ in range(100):
+            j = rng.randrange(len(two))
+            if second[j] != first[t] and first[two[j]] != second[i]:
+                second[i], second[j] = second[j], second[i]
+                break
+        else:  # e.g. E = 2 with no valid partner left: a random other expert
+            second[i] = (first[t] + rng.randrange(1, num_experts)) % num_experts
+    full_second = [(f + 1 + rng.randrange(num_experts - 1)) % num_experts for f in first]
+    for i, t in enumerate(two):
+        full_second[t] = second[i]
+    return first, full_second
+
+
+def craft_logits(num_tokens: int, num_experts: int, fraction: float, seed: int = 0) -> Tensor:
+    """(S, E) gate logits for which adaptive gating (T = 0.1) sends exactly ``round(f * S)``
+    random tokens to one expert and the others to two, with balanced expert loads.
+
+    Probabilities: the rest of the experts share 0.1; a two-expert token has ``p_1 - p_2 = 0.04``,
+    a single-expert token ``p_1 = 0.72, p_2 = 0.18`` (gap 0.54), both clear of T.
+    """
+    if num_experts < 2:
+        raise ValueError("crafting top-2 decisions needs at least 2 experts")
+    rng = random.Random(seed)
+    n_single = single_expert_count(num_tokens, fraction)
+    single = [False] * num_tokens
+    for t in rng.sample(range(num_tokens), n_single):
+        single[t] = True
+    first, second = _assign_experts(num_tokens, num_experts, single, rng)
+
+    rest = 0.1 if num_experts > 2 else 0.0
+    mass = 1.0 - rest
+    probs = torch.full((num_tokens, num_experts), rest / max(num_experts - 2, 1), dtype=torch.float64)
+    rows = torch.arange(num_tokens)
+    is_single = torch.tensor(single)
+    p1 = torch.where(is_single, torch.tensor(0.8 * mass), torch.tensor(mass / 2 + 0.02))
+    p2 = torch.where(is_single, torch.tensor(0.2 * mass), torch.tensor(mass / 2 - 0.02))
+    probs[rows, torch.tensor(first)] = p1.double()
+    probs[rows, torch.tensor(second)] = p2.double()
+    return probs.log().float()
+
+
+def craft_decision(num_tokens: int, num_experts: int, fraction: float, seed: int = 0,
+                   device="cpu") -> RoutingDecision:
+    """The adaptive-gating decision of :func:`craft_logits`, checked to have exactly
+    ``round(f * S)`` single-expert tokens and all others on two experts."""
+    logits = craft_logits(num_tokens, num_experts, fraction, seed).to(device)
+    decision = route(logits, "adaptive", threshold=THRESHOLD, max_experts=2)
+    per_token = decision.experts_per_token
+    n_single = int((per_token == 1).sum())
+    if n_single != single_expert_count(num_tokens, fraction) or int((per_token == 2).sum()) != num_tokens - n_single:
+        raise AssertionError(f"crafted decision has {n_single} single-expert tokens, "
+                             f"wanted {single_expert_count(num_tokens, fraction)}")
+    return decision
+
+
+def expert_loads(decision: RoutingDecision) -> Tensor:
+    """(E,) used slots per expert."""
+    idx = decision.expert_index[decision.used]
+    return torch.bincount(idx, minlength=decision.num_experts)
+
+
+# ---- the implementations -----------------------------------------------------------------------
+
+def live_gate(x: Tensor, gate_weight: Tensor, decision: RoutingDecision) -> RoutingDecision:
+    """The gate's cost on the crafted routes: fp32 linear + softmax, combine weights = the live
+    probabilities of the crafted experts (so backward reaches the gate, as in training)."""
+    logits = F.linear(x.float(), gate_weight.float())  # (S, E)
+    probs = logits.softmax(dim=-1)
+    picked = probs.gather(1, decision.expert_index)
+    weight = torch.where(decision.used, picked, picked.new_zeros(()))
+    return replace(decision, weight=weight, probs=probs, logits=logits)
+
+
+def loop_moe(x: Tensor, decision: RoutingDecision, experts: ExpertFFN) -> Tensor:
+    """Naive per-expert loop: group sizes on the host, one pair of matmuls per expert."""
+    num_tokens, k = decision.used.shape
+    num_experts = experts.num_experts
+    keyed = torch.where(decision.used, decision.expert_index, num_experts).reshape(-1)
+    order = torch.argsort(keyed, stable=True)
+    sizes = torch.bincount(keyed, minlength=num_experts + 1).tolist()
+    weight = decision.weight.reshape(-1)
+    out = x.new_zeros(x.shape)
+    act = experts.activation_fn
+    params = zip(experts.fc1_weight.unbind(0), experts.fc1_bias.unbind(0),
+                 experts.fc2_weight.unbind(0), experts.fc2_bias.unbind(0))
+    start = 0
+    for e, (w1, b1, w2, b2) in enumerate(params):
+        n = sizes[e]
+        if n:
+            slots = order[start:start + n]
+            tok = slots // k
+            y = act(x.index_select(0, tok) @ w1 + b1) @ w2 + b2
+            out.index_add_(0, tok, y * weight[slots].to(y.dtype).unsqueeze(-1))
+        start += n
+    return out
+
+
+def padded_einsum_moe(x: Tensor, decision: RoutingDecision, experts: ExpertFFN) -> Tensor:
+    """GShard-style dispatch with capacity C = max expert load (no token dropped).
+
+    Legend: (s)equence tokens, (e)xpert, (c)apacity slot, (m)odel dim, (f)fn dim, (k) rank.
+    """
+    num_tokens, k = decision.used.shape
+    num_experts = experts.num_experts
+    used, index = decision.used, decision.expert_index
+    # Arrival position of each slot at its expert, all first choices before second choices.
+    rank_major = index.t().reshape(-1)  # (k*s)
+    one_hot = F.one_hot(rank_major, num_experts) * used.t().reshape(-1, 1)
+    position = (one_hot.cumsum(0) - 1).gather(1, rank_major.unsqueeze(1)).view(k, num_tokens).t()
+    capacity = max(int(one_hot.sum(0).max()), 1)  # host sync, as any padded implementation
+    column = index * capacity + position.clamp_min(0)  # (s, k) flat (e, c)
+    dtype = x.dtype
+    dispatch = x.new_zeros(num_tokens, num_experts * capacity).scatter_add_(
+        1, column, used.to(dtype)).view(num_tokens, num_experts, capacity)
+    combine = x.new_zeros(num_tokens, num_experts * capacity).scatter_add(
+        1, column, decision.weight.to(dtype)).view(num_tokens, num_experts, capacity)
+    rows = torch.einsum("sec,sm->ecm", dispatch, x)
+    h = experts.activation_fn(torch.baddbmm(experts.fc1_bias.unsqueeze(1), rows, experts.fc1_weight))
+    y = torch.baddbmm(experts.fc2_bias.unsqueeze(1), h, experts.fc2_weight)  # (e, c, m)
+    return torch.einsum("sec,ecm->sm", combine, y)
+
+
+@dataclass
+class Case:
+    """One timed configuration: ``fn(x)`` is the layer, ``rows`` the useful expert rows."""
+
+    fn: Callable[[Tensor], Tensor]
+    x: Tensor
+    grad: Tensor
+    params: List[Tensor]
+    rows: int
+    capacity: Optional[int] = None
+
+
+# ---- timing ------------------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_once(case: Case, backward: bool) -> float:
+    """Milliseconds for one forward (and backward)."""
+    for p in case.params:
+        p.grad = None
+    case.x.grad = None
+    device = case.x.device
+    _sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        y = case.fn(case.x)
+        if backward:
+            y.backward(case.grad)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    y = case.fn(case.x)
+    if backward:
+        y.backward(case.grad)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_cases(cases: Dict[float, Case], warmup: int, repeats: int) -> Dict[float, Dict[str, List[float]]]:
+    """Round-robin over the fractions: warm-up, then ``repeats`` rounds of fwd and fwd+bwd."""
+    for case in cases.values():
+        for _ in range(warmup):
+            time_once(case, False)
+            time_once(case, True)
+    samples = {f: {"fwd": [], "fwdbwd": []} for f in cases}
+    for _ in range(repeats):
+        for f, case in cases.items():
+            samples[f]["fwd"].append(time_once(case, False))
+            samples[f]["fwdbwd"].append(time_once(case, True))
+    return samples
+
+
+# ---- the run -----------------------------------------------------------------------------------
+
+class BadFlag(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr, exit status 2 (handled in main)
+        raise BadFlag(message)
+
+
+def _positive_int_list(text: str) -> List[int]:
+    return [int(v) for v in text.replace(",", " ").split()]
+
+
+def _float_list(text: str) -> List[float]:
+    return [float(v) for v in text.replace(",", " ").split()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description="Time one MoE layer at exact fractions of single-expert tokens, relative to "
+                    "top-2, for several implementations (the paper's Table 1, side by side).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: fp32 at a small shape (~1 min on 2 cores); cuda: bf16 at the paper's "
+                        "shape (16 experts, d 1024, ffn 4096) with 4k, 16k and 64k tokens")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny shape with 1 repeat, for tests (seconds)")
+    p.add_argument("--fractions", type=_float_list, default=None,
+                   help="single-expert token fractions in [0, 1], comma-separated "
+                        f"(default {','.join(map(str, DEFAULT_FRACTIONS))}; 0 = top-2 is always added)")
+    p.add_argument("--tokens", type=_positive_int_list, default=None,
+                   help="token counts S per layer call, comma-separated (default: by device)")
+    p.add_argument("--experts", type=int, default=None, help="number of experts E (default: by device)")
+    p.add_argument("--dim", type=int, default=None, help="model dim d (default: by device)")
+    p.add_argument("--ffn", type=int, default=None, help="expert FFN dim (default: by device)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="parameter and activation dtype (default: float32 on cpu, bfloat16 on cuda)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed iterations per case")
+    p.add_argument("--repeats", type=int, default=None, help="timed iterations per case (median)")
+    p.add_argument("--implementations", default=",".join(IMPLEMENTATIONS),
+                   help="comma-separated subset of " + ",".join(IMPLEMENTATIONS))
+    p.add_argument("--seed", type=int, default=0, help="seed for weights, inputs and routes")
+    p.add_argument("--out", default="bench-out", help="directory for bench.json and bench.png")
+    return p
+
+
+def resolve_config(args) -> dict:
+    """Preset (quick / cuda / cpu) overridden by explicit flags; raises BadFlag."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise BadFlag("--device cuda: no CUDA device is available")
+    preset = dict(PRESETS["quick" if args.quick else args.device])
+    if args.device == "cuda" and args.quick:
+        preset["dtype"] = "bfloat16"
+    for key in ("experts", "dim", "ffn", "tokens", "dtype", "warmup", "repeats"):
+        if getattr(args, key) is not None:
+            preset[key] = getattr(args, key)
+    for key in ("experts", "dim", "ffn", "repeats"):
+        if preset[key] <= 0:
+            raise BadFlag(f"--{key} must be positive, got {preset[key]}")
+    if preset["warmup"] < 0:
+        raise BadFlag(f"--warmup must be >= 0, got {preset['warmup']}")
+    if preset["experts"] < 2:
+        raise BadFlag(f"--experts must be >= 2 (top-2 routing), got {preset['experts']}")
+    if not preset["tokens"] or any(s <= 0 for s in preset["tokens"]):
+        raise BadFlag(f"--tokens must be positive, got {preset['tokens']}")
+    fractions = list(DEFAULT_FRACTIONS if args.fractions is None else args.fractions)
+    bad = [f for f in fractions if not 0.0 <= f <= 1.0]  # also NaN
+    if bad or not fractions:
+        raise BadFlag(f"--fractions must lie in [0, 1], got {bad or fractions}")
+    preset["fractions"] = sorted(set(fractions) | {0.0})
+    impls = [v for v in args.implementations.replace(",", " ").split()]
+    unknown = [v for v in impls if v not in IMPLEMENTATIONS]
+    if unknown or not impls:
+        raise BadFlag(f"--implementations: unknown {unknown or impls}; expected {IMPLEMENTATIONS}")
+    preset["implementations"] = [v for v in IMPLEMENTATIONS if v in impls]
+    return preset
+
+
+def machine_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            name = next((line.split(":", 1)[1].strip() for line in fh
+                         if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return name or platform.processor() or platform.machine()
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+@contextlib.contextmanager
+def world_of_one(device: torch.device):
+    """fairscale's MOELayer all-to-alls over a process group; a world of one is a local layer."""
+    import torch.distributed as dist
+
+    created = False
+    if not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        created = True
+    try:
+        yield
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def build_fairscale(dim, ffn, num_experts, dtype, device):
+    from fairscale.nn.moe import MOELayer, Top2Gate
+
+    experts = nn.ModuleList(nn.Sequential(nn.Linear(dim, ffn), nn.ReLU(), nn.Linear(ffn, dim))
+                            for _ in range(num_experts))
+    layer = MOELayer(Top2Gate(dim, num_experts), experts).to(device=device, dtype=dtype)
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
+                else contextlib.nullcontext())
+
+    def fn(x: Tensor) -> Tensor:
+        with autocast:
+            return layer(x.unsqueeze(1)).squeeze(1)  # (S, 1, d): fairscale wants 3-D input
+
+    return fn, list(layer.parameters())
+
+
+def close_enough(a: Tensor, b: Tensor, dtype: torch.dtype) -> bool:
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    scale = float(b.abs().max()) or 1.0
+    return bool(torch.allclose(a.float(), b.float(), rtol=tol, atol=tol * scale))
+
+
+def run_tokens(cfg: dict, num_tokens: int, device: torch.device, notes: List[str],
+               checks: List[dict]) -> List[dict]:
+    """All implementations and fractions at one token count; returns the records."""
+    num_experts, dim, ffn = cfg["experts"], cfg["dim"], cfg["ffn"]
+    dtype = DTYPES[cfg["dtype"]]
+    fractions = cfg["fractions"]
+    torch.manual_seed(cfg["seed"])
+    layer = MoELayer(TopKGate(dim, num_experts, policy="adaptive", threshold=THRESHOLD),
+                     ExpertFFN(num_experts, dim, ffn, seed=cfg["seed"])).to(device=device, dtype=dtype)
+    moe_params = list(layer.parameters())
+    gate_weight = layer.gate.wg.weight
+    x = torch.randn(num_tokens, dim, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(num_tokens, dim, device=device, dtype=dtype)
+    decisions = {f: craft_decision(num_tokens, num_experts, f, cfg["seed"] + 1, device)
+                 for f in fractions}
+
+    def ours(d):
+        return lambda inp: layer.apply_experts(inp, live_gate(inp, gate_weight, d))[0]
+
+    def loop(d):
+        return lambda inp: loop_moe(inp, live_gate(inp, gate_weight, d), layer.experts)
+
+    def padded(d):
+        return lambda inp: padded_einsum_moe(inp, live_gate(inp, gate_weight, d), layer.experts)
+
+    einsum_budget = 0.8 * free_memory_bytes(device)
+
+    def padded_fits(d) -> bool:
+        need = num_tokens * num_experts * int(expert_loads(d).max()) * EINSUM_BYTES_PER_ELEMENT
+        return need <= einsum_budget
+
+    # Correctness guard: the fast paths must equal the loop on every crafted decision.
+    with torch.no_grad():
+        for f, d in decisions.items():
+            ref = loop(d)(x)
+            for name, make in (("ours", ours), ("padded_einsum", padded)):
+                if name not in cfg["implementations"] or (name == "padded_einsum" and not padded_fits(d)):
+                    continue
+                out = make(d)(x)
+                diff = float((out.float() - ref.float()).abs().max())
+                checks.append(dict(impl=name, reference="loop", tokens=num_tokens, fraction=f,
+                                   max_abs_diff=diff))
+                if not close_enough(out, ref, dtype):
+                    raise AssertionError(f"correctness check failed: {name} != loop at tokens "
+                                         f"{num_tokens}, f={f} (max abs diff {diff:.3g})")
+
+    records = []
+    for impl in cfg["implementations"]:
+        cases: Dict[float, Case] = {}
+        if impl == "fairscale":
+            capacity = 2 * num_tokens // num_experts
+            need = num_tokens * num_experts * capacity * EINSUM_BYTES_PER_ELEMENT
+            if num_tokens % num_experts:
+                notes.append(f"fairscale skipped at {num_tokens} tokens: Top2Gate needs S % E == 0")
+            elif need > einsum_budget:
+                notes.append(f"fairscale skipped at {num_tokens} tokens: its S x E x 2S/E masks "
+                             f"need ~{need / 2**30:.0f} GiB > 80% of free memory")
+            else:
+                with world_of_one(device):
+                    fn, params = build_fairscale(dim, ffn, num_experts, dtype, device)
+                    cases[0.0] = Case(fn, x, grad, params, 2 * num_tokens, capacity)
+                    samples = time_cases(cases, cfg["warmup"], cfg["repeats"])
+                records += make_records(impl, num_tokens, cases, samples, dim, ffn)
+            continue
+        for f, d in decisions.items():
+            n_single = single_expert_count(num_tokens, f)
+            rows = 2 * num_tokens - n_single
+            if impl == "ours":
+                cases[f] = Case(ours(d), x, grad, moe_params, rows)
+            elif impl == "loop":
+                cases[f] = Case(loop(d), x, grad, moe_params, rows)
+            elif impl == "padded_einsum":
+                capacity = int(expert_loads(d).max())
+                if not padded_fits(d):
+                    need = num_tokens * num_experts * capacity * EINSUM_BYTES_PER_ELEMENT
+                    notes.append(f"padded_einsum skipped at {num_tokens} tokens, f={f}: its "
+                                 f"S x E x C masks need ~{need / 2**30:.0f} GiB > 80% of free memory")
+                    continue
+                cases[f] = Case(padded(d), x, grad, moe_params, rows, capacity)
+            elif impl == "dense":
+                torch.manual_seed(cfg["seed"] + 2)
+                ffn_net = nn.Sequential(nn.Linear(dim, ffn), nn.ReLU(), nn.Linear(ffn, dim)).to(
+                    device=device, dtype=dtype)
+                xr = torch.randn(rows, dim, device=device, dtype=dtype, requires_grad=True)
+                gr = torch.randn(rows, dim, device=device, dtype=dtype)
+                cases[f] = Case(ffn_net, xr, gr, list(ffn_net.parameters()), rows)
+        if not cases:
+            continue
+        if 0.0 not in cases:
+            notes.append(f"{impl} at {num_tokens} tokens: no f=0 (top-2) time, so no ratios")
+        samples = time_cases(cases, cfg["warmup"], cfg["repeats"])
+        records += make_records(impl, num_tokens, cases, samples, dim, ffn)
+    return records
+
+
+def make_records(impl, num_tokens, cases, samples, dim, ffn) -> List[dict]:
+    out = []
+    base = samples.get(0.0)
+    base_fwd = statistics.median(base["fwd"]) if base else None
+    base_fb = statistics.median(base["fwdbwd"]) if base else None
+    for f, case in cases.items():
+        fwd = statistics.median(samples[f]["fwd"])
+        fb = statistics.median(samples[f]["fwdbwd"])
+        flops = 2 * 2 * case.rows * dim * ffn  # two matmuls, 2 flops per multiply-add
+        out.append(dict(
+            impl=impl, tokens=num_tokens, fraction=f,
+            single_expert_tokens=single_expert_count(num_tokens, f), rows=case.rows,
+            capacity=case.capacity,
+            fwd_ms=fwd, fwdbwd_ms=fb,
+            fwd_ratio=fwd / base_fwd if base_fwd else None,
+            fwdbwd_ratio=fb / base_fb if base_fb else None,
+            compute_ratio=(2 - f) / 2,
+            paper_fwdbwd_ratio=PAPER_TABLE1.get(round(f, 6)),
+            fwd_tflops=flops / (fwd * 1e-3) / 1e12,
+            fwdbwd_tflops=3 * flops / (fb * 1e-3) / 1e12,
+            fwd_ms_samples=samples[f]["fwd"], fwdbwd_ms_samples=samples[f]["fwdbwd"],
+        ))
+    return out
+
+
+def _fmt(value, spec) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(records: List[dict]) -> str:
+    head = (f"{'impl':<14}{'tokens':>7}{'f':>6}{'fwd ms':>10}{'fwd+bwd ms':>12}{'fwd/top2':>10}"
+            f"{'f+b/top2':>10}{'compute':>9}{'paper':>7}{'fwd TF/s':>10}{'f+b TF/s':>10}")
+    lines = [head, "-" * len(head)]
+    last = None
+    for r in records:
+        if last is not None and r["impl"] != last:
+            lines.append("")
+        last = r["impl"]
+        lines.append(
+            f"{r['impl']:<14}{r['tokens']:>7}{r['fraction']:>6.2f}{r['fwd_ms']:>10.2f}"
+            f"{r['fwdbwd_ms']:>12.2f}{_fmt(r['fwd_ratio'], '.3f'):>10}"
+            f"{_fmt(r['fwdbwd_ratio'], '.3f'):>10}{r['compute_ratio']:>9.2f}"
+            f"{_fmt(r['paper_fwdbwd_ratio'], '.2f'):>7}{r['fwd_tflops']:>10.3g}"
+            f"{r['fwdbwd_tflops']:>10.3g}")
+    return "\n".join(lines)
+
+
+def plot(records: List[dict], meta: dict, path: Path) -> None:
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq sets the root to DEBUG
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax_ms) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fs = sorted({r["fraction"] for r in records} | set(PAPER_TABLE1))
+    ax.plot(fs, [(2 - f) / 2 for f in fs], "k--", label="compute ratio (2-f)/2")
+    ax.plot(list(PAPER_TABLE1), list(PAPER_TABLE1.values()), "r*", ms=12, label="paper Table 1 (A100)")
+    styles = ["-", ":", "-."]
+    token_counts = sorted({r["tokens"] for r in records})
+    for i, impl in enumerate(IMPLEMENTATIONS):
+        for j, s in enumerate(token_counts):
+            rs = sorted((r for r in records if r["impl"] == impl and r["tokens"] == s),
+                        key=lambda r: r["fraction"])
+            rs_ratio = [r for r in rs if r["fwdbwd_ratio"] is not None]
+            if not rs:
+                continue
+            label = f"{impl} ({s} tok)"
+            color = f"C{i}"
+            ax.plot([r["fraction"] for r in rs_ratio], [r["fwdbwd_ratio"] for r in rs_ratio],
+                    marker="o", ls=styles[j % 3], color=color, label=label)
+            ax_ms.plot([r["fraction"] for r in rs], [r["fwdbwd_ms"] for r in rs], marker="o",
+                       ls=styles[j % 3], color=color, label=label)
+    ax.set_xlabel("fraction of single-expert tokens f")
+    ax.set_ylabel("fwd+bwd time / own top-2 time")
+    ax.set_title("relative to top-2 (lower is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax_ms.set_yscale("log")
+    ax_ms.set_xlabel("fraction of single-expert tokens f")
+    ax_ms.set_ylabel("fwd+bwd ms (median)")
+    ax_ms.set_title("absolute time")
+    ax_ms.grid(alpha=0.3, which="both")
+    fig.suptitle(f"{meta['machine']}, {meta['dtype']}, E={meta['experts']} d={meta['dim']} "
+                 f"ffn={meta['ffn']}, torch {meta['torch']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+        cfg = resolve_config(args)
+    except BadFlag as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    cfg["seed"] = args.seed
+    device = torch.device(args.device)
+    meta = dict(
+        command=shlex.join([PROG] + argv), machine=machine_name(device), device=args.device,
+        torch=torch.__version__, python=platform.python_version(),
+        cpu_threads=torch.get_num_threads(), dtype=cfg["dtype"], experts=cfg["experts"],
+        dim=cfg["dim"], ffn=cfg["ffn"], tokens=cfg["tokens"], fractions=cfg["fractions"],
+        warmup=cfg["warmup"], repeats=cfg["repeats"], implementations=cfg["implementations"],
+        seed=cfg["seed"], threshold=THRESHOLD, paper_table1=PAPER_TABLE1,
+        timing="median; forward with autograd recording; fwd+bwd = forward + backward(grad)",
+        started=time.strftime("%Y-%m-%d %H:%M:%S"),
+    )
+    print(f"command: {meta['command']}")
+    print(f"machine: {meta['machine']} ({args.device}); torch {meta['torch']}; "
+          f"CPU threads {meta['cpu_threads']}; python {meta['python']}")
+    print(f"shape: {cfg['experts']} experts, d {cfg['dim']}, ffn {cfg['ffn']}, dtype {cfg['dtype']}, "
+          f"tokens {cfg['tokens']}; warmup {cfg['warmup']}, repeats {cfg['repeats']} (median)")
+    sys.stdout.flush()
+
+    notes: List[str] = []
+    checks: List[dict] = []
+    records: List[dict] = []
+    t0 = time.perf_counter()
+    try:
+        for num_tokens in cfg["tokens"]:
+            records += run_tokens(cfg, num_tokens, device, notes, checks)
+    except AssertionError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
+    meta["wall_s"] = time.perf_counter() - t0
+    if "fairscale" in cfg["implementations"]:
+        notes.append("fairscale (Top2Gate, capacity 2S/E) routes top-2 only: timed at f=0; its "
+                     "fixed capacity means adaptive gating would save nothing there")
+
+    print()
+    print(format_table(records))
+    print()
+    print("compute = (2-f)/2; paper = Table 1 fwd+bwd / top-2 (A100); TF/s counts useful expert "
+          "FLOPs 2 * 2 * rows * d * ffn (x3 for fwd+bwd), rows = S * (2 - f)")
+    worst = max((c["max_abs_diff"] for c in checks), default=0.0)
+    print(f"correctness: ours and padded_einsum equal loop at every f (max abs diff {worst:.2e})")
+    for note in notes:
+        print(f"note: {note}")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "bench.json", "w", encoding="utf-8") as fh:
+        json.dump(dict(meta=meta, records=records, checks=checks, notes=notes), fh, indent=1)
+    plot(records, meta, out / "bench.png")
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.png'} ({meta['wall_s']:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""adaptive-moe-bench: the run completes and records everything; no timing assertions."""
+
+import json
+
+import pytest
+import torch
+
+from fairseq_adaptive_moe.cli import bench
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "out"
+    rc = bench.main(["--device", "cpu", "--quick", "--out", str(out)])
+    return rc, out
+
+
+def test_quick_run_records_every_implementation_and_fraction(quick_run):
+    rc, out = quick_run
+    assert rc == 0
+    data = json.loads((out / "bench.json").read_text())
+    records = data["records"]
+    assert data["meta"]["command"].startswith("adaptive-moe-bench --device cpu --quick")
+    for key in ("machine", "torch", "dtype", "cpu_threads", "experts", "dim", "ffn"):
+        assert data["meta"][key]
+    seen = {(r["impl"], r["fraction"]) for r in records}
+    for impl in ("ours", "loop", "padded_einsum", "dense"):
+        for f in bench.DEFAULT_FRACTIONS:
+            assert (impl, f) in seen, (impl, f)
+    assert ("fairscale", 0.0) in seen  # top-2 only
+    for r in records:
+        assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0
+        assert r["fwd_tflops"] > 0 and r["fwdbwd_tflops"] > 0
+        assert r["rows"] == 2 * r["tokens"] - r["single_expert_tokens"]
+        if r["fraction"] == 0.0:
+            assert r["fwd_ratio"] == 1.0 and r["fwdbwd_ratio"] == 1.0
+    assert all(c["max_abs_diff"] < 1e-4 for c in data["checks"])
+    png = out / "bench.png"
+    assert png.is_file() and png.stat().st_size > 0
+
+
+@pytest.mark.parametrize("num_tokens,num_experts", [(256, 4), (1000, 8), (37, 2), (64, 3)])
+@pytest.mark.parametrize("fraction", [0.0, 0.2, 0.5, 0.8, 1.0, 0.33])
+def test_crafted_decision_has_exact_single_expert_fraction(num_tokens, num_experts, fraction):
+    decision = bench.craft_decision(num_tokens, num_experts, fraction, seed=3)
+    per_token = decision.experts_per_token
+    n_single = round(fraction * num_tokens)
+    assert int((per_token == 1).sum()) == n_single
+    assert int((per_token == 2).sum()) == num_tokens - n_single
+    used = decision.expert_index[decision.used.all(dim=1)]
+    assert (used[:, 0] != used[:, 1]).all()  # two distinct experts
+    loads = bench.expert_loads(decision)
+    assert int(loads.sum()) == 2 * num_tokens - n_single
+    if num_experts > 2:  # balanced by construction (E = 2 may need a fallback pair)
+        assert int(loads.max() - loads.min()) <= 1
+
+
+def test_top2_crafted_decision_equals_top2_routing():
+    logits = bench.craft_logits(128, 4, 0.0, seed=1)
+    crafted = bench.craft_decision(128, 4, 0.0, seed=1)
+    top2 = bench.route(logits, "top2")
+    assert torch.equal(crafted.expert_index, top2.expert_index)
+    assert crafted.used.all()
+
+
+@pytest.mark.parametrize("argv", [
+    ["--fractions", "0.5,1.5"],
+    ["--fractions", "-0.1"],
+    ["--experts", "0"],
+    ["--experts", "1"],
+    ["--dim", "-4"],
+    ["--ffn", "0"],
+    ["--tokens", "0"],
+    ["--repeats", "0"],
+    ["--warmup", "-1"],
+    ["--implementations", "ours,nope"],
+    ["--dtype", "int8"],
+    ["--no-such-flag"],
+])
+def test_bad_flags_exit_2_and_write_nothing(argv, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert bench.main(argv + ["--quick", "--out", str(out)]) == 2
+    assert not out.exists()
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("adaptive-moe-bench: error:")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_gpu_exits_2(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert bench.main(["--device", "cuda", "--out", str(out)]) == 2
+    assert not out.exists()
+    assert "no CUDA device" in capsys.readouterr().err
