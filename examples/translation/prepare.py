@@ -97,6 +97,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     )
     p.add_argument("--src", default="de", help="source language code (file suffix)")
     p.add_argument("--tgt", default="en", help="target language code (file suffix)")
+    p.add_argument(
+        "--monolingual",
+        action="store_true",
+        help="language-model data: only the --src files are read, and fairseq-preprocess "
+        "runs with --only-source (output: dict.txt, {train,valid,test}.{bin,idx}, "
+        "for fairseq's language_modeling task)",
+    )
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument(
         "--vocab-size",
@@ -127,7 +134,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
 
-    if args.src == args.tgt:
+    if args.src == args.tgt and not args.monolingual:
         p.error("--src and --tgt must differ")
     for name in ("src", "tgt"):
         if not re.fullmatch(r"[A-Za-z0-9_]+", getattr(args, name)):
@@ -148,16 +155,20 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 # --------------------------------------------------------------------------- #
 
 
-def input_paths(data: Path, src: str, tgt: str) -> Dict[str, Dict[str, Path]]:
-    return {s: {lang: data / f"{s}.{lang}" for lang in (src, tgt)} for s in SPLITS}
+def languages(src: str, tgt: Optional[str]) -> List[str]:
+    return [src] if tgt is None else [src, tgt]
 
 
-def check_inputs(data: Path, src: str, tgt: str) -> Dict[str, Dict[str, Path]]:
-    """Return the six input paths; raise InputError naming what is missing."""
+def input_paths(data: Path, src: str, tgt: Optional[str]) -> Dict[str, Dict[str, Path]]:
+    return {s: {lang: data / f"{s}.{lang}" for lang in languages(src, tgt)} for s in SPLITS}
+
+
+def check_inputs(data: Path, src: str, tgt: Optional[str]) -> Dict[str, Dict[str, Path]]:
+    """Return the input paths; raise InputError naming what is missing."""
     if not data.is_dir():
         raise InputError(
             f"data directory not found: {data} (give --data PATH with "
-            f"{{train,valid,test}}.{{{src},{tgt}}})"
+            f"{{train,valid,test}}.{{{','.join(languages(src, tgt))}}})"
         )
     paths = input_paths(data, src, tgt)
     missing = [str(p) for s in SPLITS for p in paths[s].values() if not p.is_file()]
@@ -184,17 +195,19 @@ def read_lines(path: Path, limit: Optional[int]) -> List[str]:
 
 
 def load_corpus(
-    paths: Dict[str, Dict[str, Path]], src: str, tgt: str,
+    paths: Dict[str, Dict[str, Path]], src: str, tgt: Optional[str],
     max_train: Optional[int], max_eval: Optional[int],
 ) -> Dict[str, Dict[str, List[str]]]:
     corpus: Dict[str, Dict[str, List[str]]] = {}
     for split in SPLITS:
         limit = max_train if split == "train" else max_eval
         try:
-            corpus[split] = {lang: read_lines(paths[split][lang], limit) for lang in (src, tgt)}
+            corpus[split] = {lang: read_lines(paths[split][lang], limit)
+                             for lang in languages(src, tgt)}
         except UnicodeDecodeError as e:
             raise InputError(f"input is not UTF-8: {e}") from e
-        n_src, n_tgt = len(corpus[split][src]), len(corpus[split][tgt])
+        n_src = len(corpus[split][src])
+        n_tgt = n_src if tgt is None else len(corpus[split][tgt])
         if n_src != n_tgt:
             raise InputError(
                 f"{split} split is not aligned: {paths[split][src]} has {n_src} lines, "
@@ -273,15 +286,18 @@ def preprocess_command() -> List[str]:
     return [sys.executable, "-m", "fairseq_cli.preprocess"]
 
 
-def run_preprocess(spm_dir: Path, dest: Path, src: str, tgt: str, workers: int) -> None:
-    cmd = preprocess_command() + [
-        "--source-lang", src,
-        "--target-lang", tgt,
-        "--trainpref", str(spm_dir / "train"),
-        "--validpref", str(spm_dir / "valid"),
-        "--testpref", str(spm_dir / "test"),
+def run_preprocess(spm_dir: Path, dest: Path, src: str, tgt: Optional[str], workers: int) -> None:
+    if tgt is None:  # language modeling: {split}.{src} -> {split}.bin/idx and dict.txt
+        langs = ["--only-source"]
+        prefixes = {s: str(spm_dir / f"{s}.{src}") for s in SPLITS}
+    else:
+        langs = ["--source-lang", src, "--target-lang", tgt, "--joined-dictionary"]
+        prefixes = {s: str(spm_dir / s) for s in SPLITS}
+    cmd = preprocess_command() + langs + [
+        "--trainpref", prefixes["train"],
+        "--validpref", prefixes["valid"],
+        "--testpref", prefixes["test"],
         "--destdir", str(dest),
-        "--joined-dictionary",
         "--workers", str(workers),
     ]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -317,6 +333,7 @@ def settings(args: argparse.Namespace, data: Path) -> dict:
         "src": args.src,
         "tgt": args.tgt,
         "vocab_size": args.vocab_size,
+        "monolingual": args.monolingual,
         "max_train_lines": args.max_train_lines,
         "max_eval_lines": args.max_eval_lines,
     }
@@ -338,7 +355,7 @@ def install(staging: Path, out: Path) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    src, tgt = args.src, args.tgt
+    src, tgt = args.src, (None if args.monolingual else args.tgt)
     data = args.data.expanduser().resolve()
     out = args.out.expanduser().resolve()
 
@@ -383,7 +400,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         # (1) joint sentencepiece BPE on the train split of both languages
         train_text = staging / "spm-train.txt"
-        write_lines(train_text, corpus["train"][src] + corpus["train"][tgt])
+        write_lines(train_text, [line for lang in languages(src, tgt) for line in corpus["train"][lang]])
         print(f"{PROG}: [1/4] training sentencepiece BPE (vocab {args.vocab_size})")
         spm_opts = train_spm(train_text, staging / "spm", args.vocab_size, threads)
         train_text.unlink()
@@ -395,13 +412,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # (3) raw eval references for sacrebleu
         print(f"{PROG}: [3/4] copying raw valid/test references")
         for split in EVAL_SPLITS:
-            for lang in (src, tgt):
+            for lang in languages(src, tgt):
                 write_lines(staging / "raw" / f"{split}.{lang}", corpus[split][lang])
 
         # (4) binarize with fairseq-preprocess
-        print(f"{PROG}: [4/4] fairseq-preprocess (--joined-dictionary, workers {args.workers})")
+        mode = "--only-source" if tgt is None else "--joined-dictionary"
+        print(f"{PROG}: [4/4] fairseq-preprocess ({mode}, workers {args.workers})")
         run_preprocess(staging / "spm", staging, src, tgt, args.workers)
-        with open(staging / f"dict.{src}.txt", encoding="utf-8") as f:
+        with open(staging / ("dict.txt" if tgt is None else f"dict.{src}.txt"), encoding="utf-8") as f:
             dict_size = sum(1 for _ in f)
 
         # (5) move into place, then write the completion marker last
@@ -413,7 +431,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "workers": args.workers,
                 "force": args.force,
             },
-            "lines": {s: {src: counts[s], tgt: counts[s]} for s in SPLITS},
+            "lines": {s: {lang: counts[s] for lang in languages(src, tgt)} for s in SPLITS},
             "spm": {"vocab_size": spm_size, "options": spm_opts},
             "fairseq_dict_size": dict_size,
             "versions": {

@@ -7,7 +7,7 @@ them.
 """
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -45,8 +45,16 @@ def _wrap(layer, cfg):
     return fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap if not cfg.checkpoint_activations else 0)
 
 
-class _LayerCounter:
-    """fairseq builds its layers inside ``__init__`` without passing their index; count them."""
+class _MoELayerChoice:
+    """Which layers get an MoE FFN. Override ``is_moe_layer`` to choose any subset.
+
+    fairseq builds its layers inside ``__init__`` without passing their index, so they are
+    counted here as they are built.
+    """
+
+    def is_moe_layer(self, index: int, cfg) -> bool:
+        """Layer ``index`` (0-based) is MoE; default: every ``--moe-freq``-th layer."""
+        return is_moe_layer(index, cfg.moe_freq)
 
     def _next_layer_index(self) -> int:
         index = self.__dict__.get("_layers_built", 0)
@@ -54,10 +62,10 @@ class _LayerCounter:
         return index
 
 
-class AdaptiveMoETransformerEncoder(_LayerCounter, TransformerEncoderBase):
+class AdaptiveMoETransformerEncoder(_MoELayerChoice, TransformerEncoderBase):
     def build_encoder_layer(self, cfg):
         index = self._next_layer_index()
-        if not is_moe_layer(index, cfg.moe_freq):
+        if not self.is_moe_layer(index, cfg):
             return super().build_encoder_layer(cfg)
         return _wrap(MoETransformerEncoderLayer(cfg, name=f"encoder.{index}"), cfg)
 
@@ -97,10 +105,10 @@ class AdaptiveMoETransformerEncoder(_LayerCounter, TransformerEncoderBase):
         }
 
 
-class AdaptiveMoETransformerDecoder(_LayerCounter, TransformerDecoderBase):
+class AdaptiveMoETransformerDecoder(_MoELayerChoice, TransformerDecoderBase):
     def build_decoder_layer(self, cfg, no_encoder_attn=False):
         index = self._next_layer_index()
-        if not is_moe_layer(index, cfg.moe_freq):
+        if not self.is_moe_layer(index, cfg):
             return super().build_decoder_layer(cfg, no_encoder_attn)
         return _wrap(MoETransformerDecoderLayer(cfg, f"decoder.{index}", no_encoder_attn), cfg)
 
@@ -203,7 +211,7 @@ class AdaptiveMoETransformerModel(TransformerModelBase):
 
     @classmethod
     def build_model(cls, args, task):
-        ARCHITECTURES.get(getattr(args, "arch", None), adaptive_moe_transformer)(args)
+        adaptive_moe_transformer(args)  # fills what the chosen architecture left unset, checks
         return super().build_model(AdaptiveMoETransformerConfig.from_namespace(args), task)
 
     @classmethod
@@ -224,21 +232,11 @@ class AdaptiveMoETransformerModel(TransformerModelBase):
                                 features_only=features_only, alignment_layer=alignment_layer,
                                 alignment_heads=alignment_heads, src_lengths=src_lengths,
                                 return_all_hiddens=return_all_hiddens)
-        extra["moe_stats"] = encoder_out["moe_stats"] + extra["moe_stats"]
+        extra["moe_stats"] = encoder_out.get("moe_stats", []) + extra.get("moe_stats", [])
         return x, extra
 
 
-ARCHITECTURES: Dict[str, Any] = {}
-
-
-def _architecture(name):
-    def register(fn):
-        ARCHITECTURES[name] = fn
-        return register_model_architecture("adaptive_moe_transformer", name)(fn)
-    return register
-
-
-@_architecture("adaptive_moe_transformer")
+@register_model_architecture("adaptive_moe_transformer", "adaptive_moe_transformer")
 def adaptive_moe_transformer(args, **moe_defaults):
     """fairseq's transformer base dimensions (6+6 layers, d 512, FFN 2048), 16 experts."""
     set_moe_defaults(args, **moe_defaults)
@@ -246,7 +244,7 @@ def adaptive_moe_transformer(args, **moe_defaults):
     exit_on_bad_moe_args(args)
 
 
-@_architecture("adaptive_moe_transformer_tiny")
+@register_model_architecture("adaptive_moe_transformer", "adaptive_moe_transformer_tiny")
 def adaptive_moe_transformer_tiny(args):
     """For tests and CPU demos: 2+2 layers, d 64, FFN 128, 4 heads, 4 experts."""
     args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 64)
@@ -258,7 +256,7 @@ def adaptive_moe_transformer_tiny(args):
     adaptive_moe_transformer(args, moe_expert_count=4)
 
 
-@_architecture("adaptive_moe_transformer_small")
+@register_model_architecture("adaptive_moe_transformer", "adaptive_moe_transformer_small")
 def adaptive_moe_transformer_small(args):
     """Quick GPU runs and longer CPU runs: 3+3 layers, d 512, FFN 2048, 8 heads, 8 experts."""
     args.encoder_layers = getattr(args, "encoder_layers", 3)
@@ -266,7 +264,7 @@ def adaptive_moe_transformer_small(args):
     adaptive_moe_transformer(args, moe_expert_count=8)
 
 
-@_architecture("adaptive_moe_transformer_wmt19_de_en")
+@register_model_architecture("adaptive_moe_transformer", "adaptive_moe_transformer_wmt19_de_en")
 def adaptive_moe_transformer_wmt19_de_en(args):
     """FSMT WMT19 de-en shape: 6+6 layers, d 1024, encoder FFN 8192, decoder FFN 4096, 16 heads,
     16 experts."""

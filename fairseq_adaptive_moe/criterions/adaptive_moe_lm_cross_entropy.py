@@ -1,0 +1,45 @@
+"""``adaptive_moe_cross_entropy``: fairseq's cross-entropy plus the MoE auxiliary losses.
+
+For language models (``language_modeling`` task). The auxiliary loss and the metrics come from
+:class:`MoECriterionMixin`, shared with the label-smoothed seq2seq criterion.
+"""
+
+from dataclasses import dataclass
+
+from fairseq.criterions import register_criterion
+from fairseq.criterions.cross_entropy import CrossEntropyCriterion, CrossEntropyCriterionConfig
+
+from .adaptive_moe_cross_entropy import MoECriterionMixin, MoELossConfig
+from .moe_logging import reduce_moe_metrics
+
+
+@dataclass
+class AdaptiveMoECrossEntropyConfig(CrossEntropyCriterionConfig, MoELossConfig):
+    pass
+
+
+@register_criterion("adaptive_moe_cross_entropy", dataclass=AdaptiveMoECrossEntropyConfig)
+class AdaptiveMoECrossEntropyCriterion(MoECriterionMixin, CrossEntropyCriterion):
+    def __init__(self, task, sentence_avg, moe_balance_loss_weight=0.01, moe_z_loss_weight=0.0):
+        super().__init__(task, sentence_avg)
+        self.moe_balance_loss_weight = moe_balance_loss_weight
+        self.moe_z_loss_weight = moe_z_loss_weight
+
+    def forward(self, model, sample, reduce=True):
+        net_output = model(**sample["net_input"])
+        loss, _ = self.compute_loss(model, net_output, sample, reduce=reduce)
+        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
+        aux, moe_log = self.moe_loss(net_output, sample_size)
+        logging_output = {
+            "loss": loss.data,  # the task loss alone: fairseq derives perplexity from it
+            "ntokens": sample["ntokens"],
+            "nsentences": sample["target"].size(0),
+            "sample_size": sample_size,
+            **moe_log,
+        }
+        return loss + aux, sample_size, logging_output
+
+    @staticmethod
+    def reduce_metrics(logging_outputs) -> None:
+        CrossEntropyCriterion.reduce_metrics(logging_outputs)
+        reduce_moe_metrics(logging_outputs, sum(log.get("sample_size", 0) for log in logging_outputs))
