@@ -7,6 +7,7 @@ The plain-PyTorch MoE layer lives in :mod:`fairseq_adaptive_moe.moe` and needs n
 
 from . import checkpoint_compat  # noqa: F401  (first: before fairseq loads any checkpoint)
 from . import criterions, models  # noqa: F401  (registration)
+from . import tasks  # noqa: F401  (registration: adaptive_moe_translation)
 
 __version__ = "0.1.0"
 

@@ -15,6 +15,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 )
 from fairseq.dataclass import FairseqDataclass
 
+from ..data.curriculum import SAMPLE_COMPLEXITY_KEY, sample_complexity
 from .moe_logging import moe_auxiliary_loss, moe_logging_output, reduce_moe_metrics
 
 
@@ -78,6 +79,11 @@ class AdaptiveMoELabelSmoothedCrossEntropyCriterion(MoECriterionMixin, LabelSmoo
             "sample_size": sample_size,
             **moe_log,
         }
+        # --- curriculum hook (tasks/adaptive_moe_translation.py): per-sample complexity, popped
+        # by the task's train_step before fairseq's logging all-reduce
+        if model.training and getattr(self.task, "collects_sample_complexity", False):
+            logging_output[SAMPLE_COMPLEXITY_KEY] = sample_complexity(net_output, sample)
+        # --- end curriculum hook
         if self.report_accuracy:
             n_correct, total = self.compute_accuracy(model, net_output, sample)
             logging_output["n_correct"] = n_correct.data

@@ -27,6 +27,8 @@ class MoEStats:
     expert_load:       (E,) slots processed by each expert
     dropped_slots:     ()  slots lost to ``capacity_factor`` (0 when dropless)
     experts_per_token: input shape without the feature dim; experts each token used (0 = pad)
+    routing:           the layer's RoutingDecision, rows in the input's flattened token order
+                       (for analysis tools: experts chosen and gate probabilities per token)
     """
 
     name: str
@@ -37,6 +39,7 @@ class MoEStats:
     expert_load: Tensor
     dropped_slots: Tensor
     experts_per_token: Tensor
+    routing: RoutingDecision
 
     @property
     def multi_fraction(self) -> Tensor:
@@ -177,4 +180,5 @@ class MoELayer(nn.Module):
             expert_load=plan.counts,
             dropped_slots=dropped,
             experts_per_token=per_token.view(lead),
+            routing=decision,
         )
