@@ -134,18 +134,13 @@ class AdaptiveMoETransformerDecoder(_MoELayerChoice, TransformerDecoderBase):
         positions = None
         if self.embed_positions is not None:
             positions = self.embed_positions(prev_output_tokens, incremental_state=incremental_state)
-        # the padding mask is taken before incremental decoding cuts the input to one position
-        self_attn_padding_mask: Optional[Tensor] = None
-        if prev_output_tokens.eq(self.padding_idx).any():
-            self_attn_padding_mask = prev_output_tokens.eq(self.padding_idx)
         if incremental_state is not None:
             prev_output_tokens = prev_output_tokens[:, -1:]
             if positions is not None:
                 positions = positions[:, -1:]
-            if self_attn_padding_mask is not None:
-                self_attn_padding_mask = self_attn_padding_mask[:, -1:]
-                if not self_attn_padding_mask.any():
-                    self_attn_padding_mask = None
+        self_attn_padding_mask: Optional[Tensor] = None
+        if self.cross_self_attention or prev_output_tokens.eq(self.padding_idx).any():
+            self_attn_padding_mask = prev_output_tokens.eq(self.padding_idx)
 
         x = self.embed_scale * self.embed_tokens(prev_output_tokens.contiguous())
         if self.quant_noise is not None:
