@@ -24,6 +24,8 @@ setup(
     entry_points={
         "console_scripts": [
             "adaptive-moe-bench = fairseq_adaptive_moe.cli.bench:main",
+            "adaptive-moe-routing = fairseq_adaptive_moe.cli.routing:main",
+            "adaptive-moe-upcycle = fairseq_adaptive_moe.cli.upcycle:main",
         ],
     },
 )

@@ -93,3 +93,12 @@ def test_cuda_without_gpu_exits_2(tmp_path, capsys):
     assert bench.main(["--device", "cuda", "--out", str(out)]) == 2
     assert not out.exists()
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_correctness_guard_fails_loudly(monkeypatch, tmp_path, capsys):
+    reference = bench.loop_moe
+    monkeypatch.setattr(bench, "loop_moe", lambda x, d, e: reference(x, d, e) * 1.01)
+    out = tmp_path / "out"
+    assert bench.main(["--quick", "--implementations", "ours,loop", "--out", str(out)]) == 1
+    assert "correctness check failed: ours != loop" in capsys.readouterr().err
+    assert not out.exists()

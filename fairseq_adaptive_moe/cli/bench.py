@@ -572,6 +572,7 @@ def plot(records: List[dict], meta: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (ax, ax_ms) = plt.subplots(1, 2, figsize=(12, 4.8))
     fs = sorted({r["fraction"] for r in records} | set(PAPER_TABLE1))
@@ -598,6 +599,8 @@ def plot(records: List[dict], meta: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax_ms.set_yscale("log")
+    ax_ms.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax_ms.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax_ms.set_xlabel("fraction of single-expert tokens f")
     ax_ms.set_ylabel("fwd+bwd ms (median)")
     ax_ms.set_title("absolute time")
