@@ -1,0 +1,327 @@
+"""``adaptive_moe_translation``: fairseq's ``translation`` task plus the complexity curriculum.
+
+With ``--moe-curriculum`` (paper §3.2), from epoch ``--moe-curriculum-start-epoch`` on each
+training epoch's batches are built from samples of similar complexity (see
+:mod:`fairseq_adaptive_moe.data.curriculum` for the ordering rules). Without the switch, and in
+the epochs before the start epoch, the order is fairseq's usual one.
+
+How the pieces meet:
+- collection: in ``train_step`` the criterion (``adaptive_moe_*``) returns each sample's
+  two-expert counts under a private logging key; this task pops the key before fairseq's
+  logging all-reduce, all-gathers the rows over the data-parallel ranks (every rank applies the
+  same rows in rank order, so all ranks always hold the same statistics) and updates the tracker.
+  No extra pass over the data.
+- ordering: the training ``EpochBatchIterator`` gets a callable batch sampler, which fairseq
+  calls at the start of every epoch; curriculum epochs are not re-shuffled by fairseq, and the
+  ordered batches are sharded over the ranks afterwards, as usual.
+- checkpoints: the tracker and, mid-epoch, the epoch's batch order travel in the iterator's
+  state (``extra_state["train_iterator"]``), which fairseq restores on every rank before
+  training resumes; ``--reset-dataloader`` resets them with the data order.
+Also serves BART summarization fine-tuning, which uses the translation task.
+"""
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fairseq import utils
+from fairseq.data import FairseqDataset, data_utils, iterators
+from fairseq.dataclass import ChoiceEnum
+from fairseq.distributed import utils as distributed_utils
+from fairseq.tasks import register_task
+from fairseq.tasks.translation import TranslationConfig, TranslationTask
+
+from ..data.curriculum import (
+    SAMPLE_COMPLEXITY_KEY,
+    SHUFFLE_MODES,
+    ComplexityTracker,
+    batch_complexity_spread,
+    curriculum_order,
+    shuffle_in_buckets,
+)
+
+logger = logging.getLogger(__name__)
+
+STATE_KEY = "moe_curriculum"
+
+
+@dataclass
+class AdaptiveMoETranslationConfig(TranslationConfig):
+    moe_curriculum: bool = field(
+        default=False,
+        metadata={"help": "order each training epoch by sample complexity (paper §3.2): "
+                          "batches of samples whose per-layer two-expert shares are alike, "
+                          "collected from the training forward passes (default: off, fairseq's "
+                          "order)"},
+    )
+    moe_curriculum_start_epoch: int = field(
+        default=2,
+        metadata={"help": "first epoch ordered by complexity; earlier epochs use fairseq's "
+                          "order and collect the statistics (default: 2)"},
+    )
+    moe_curriculum_shuffle: ChoiceEnum(SHUFFLE_MODES) = field(
+        default="none",
+        metadata={"help": "after ordering: none keeps the complexity order (the paper); buckets "
+                          "shuffles training steps within consecutive buckets of "
+                          "--moe-curriculum-bucket-steps steps, seeded by --seed and the epoch "
+                          "(default: none)"},
+    )
+    moe_curriculum_bucket_steps: int = field(
+        default=16,
+        metadata={"help": "steps per bucket for --moe-curriculum-shuffle buckets; a step is one "
+                          "batch per data-parallel rank (default: 16)"},
+    )
+
+    def __post_init__(self):  # hydra/yaml configs; the command line is checked by argparse
+        for name in ("moe_curriculum_start_epoch", "moe_curriculum_bucket_steps"):
+            value = getattr(self, name)
+            if isinstance(value, int) and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def _at_least_one():
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        return value
+    return parse
+
+
+@register_task("adaptive_moe_translation", dataclass=AdaptiveMoETranslationConfig)
+class AdaptiveMoETranslationTask(TranslationTask):
+    """fairseq's translation task with ``--moe-curriculum``."""
+
+    cfg: AdaptiveMoETranslationConfig
+
+    @classmethod
+    def add_args(cls, parser):
+        super().add_args(parser)
+        # bad values: one argparse "error:" line, before fairseq writes anything
+        for action in parser._actions:
+            if action.dest in ("moe_curriculum_start_epoch", "moe_curriculum_bucket_steps"):
+                action.type = _at_least_one()
+
+    @classmethod
+    def setup_task(cls, cfg, **kwargs):
+        if cfg.moe_curriculum and len(utils.split_paths(cfg.data)) > 1:
+            sys.stderr.write("error: --moe-curriculum keys statistics by sample id and needs one "
+                             "training data directory, got sharded data "
+                             f"{cfg.data!r}\n")
+            raise SystemExit(1)
+        return super().setup_task(cfg, **kwargs)
+
+    def __init__(self, cfg, src_dict, tgt_dict):
+        super().__init__(cfg, src_dict, tgt_dict)
+        self.complexity = ComplexityTracker()
+
+    @property
+    def collects_sample_complexity(self) -> bool:
+        """Read by the criterion: return per-sample complexity while training."""
+        return bool(self.cfg.moe_curriculum)
+
+    # -- collection --------------------------------------------------------------------------
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False,
+                   **kwargs):
+        loss, sample_size, logging_output = super().train_step(
+            sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs)
+        rows = logging_output.pop(SAMPLE_COMPLEXITY_KEY, None)  # never reaches the all-reduce
+        if self.cfg.moe_curriculum:
+            if ignore_grad:
+                rows = None  # fairseq's dummy batch repeats real samples: not an observation
+            device = next(model.parameters()).device
+            self.complexity.update(_all_gather_rows(rows, device))
+        return loss, sample_size, logging_output
+
+    # -- ordering ----------------------------------------------------------------------------
+
+    def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None, max_positions=None,
+                           ignore_invalid_inputs=False, required_batch_size_multiple=1, seed=1,
+                           num_shards=1, shard_id=0, num_workers=0, epoch=1, data_buffer_size=0,
+                           disable_iterator_cache=False, skip_remainder_batch=False,
+                           grouped_shuffling=False, update_epoch_batch_itr=False):
+        is_train = dataset is self.datasets.get(self.cfg.train_subset)
+        if not (self.cfg.moe_curriculum and is_train):
+            return super().get_batch_iterator(
+                dataset, max_tokens=max_tokens, max_sentences=max_sentences,
+                max_positions=max_positions, ignore_invalid_inputs=ignore_invalid_inputs,
+                required_batch_size_multiple=required_batch_size_multiple, seed=seed,
+                num_shards=num_shards, shard_id=shard_id, num_workers=num_workers, epoch=epoch,
+                data_buffer_size=data_buffer_size, disable_iterator_cache=disable_iterator_cache,
+                skip_remainder_batch=skip_remainder_batch, grouped_shuffling=grouped_shuffling,
+                update_epoch_batch_itr=update_epoch_batch_itr)
+
+        can_reuse = (not disable_iterator_cache and not update_epoch_batch_itr
+                     and self.can_reuse_epoch_itr(dataset))
+        if can_reuse and dataset in self.dataset_to_epoch_iter:
+            return self.dataset_to_epoch_iter[dataset]
+        assert isinstance(dataset, FairseqDataset)
+        dataset.set_epoch(epoch)
+        if self.complexity.resize(len(dataset)):
+            logger.warning("moe curriculum: the training set changed size; statistics reset")
+
+        sampler = CurriculumBatchSampler(
+            self, max_positions=max_positions, ignore_invalid_inputs=ignore_invalid_inputs,
+            max_tokens=max_tokens, max_sentences=max_sentences,
+            required_batch_size_multiple=required_batch_size_multiple, seed=seed,
+            num_shards=num_shards)
+        epoch_iter = CurriculumEpochBatchIterator(
+            dataset=dataset, collate_fn=dataset.collater, batch_sampler=sampler, seed=seed,
+            num_shards=num_shards, shard_id=shard_id, num_workers=num_workers, epoch=epoch,
+            buffer_size=data_buffer_size, skip_remainder_batch=skip_remainder_batch,
+            grouped_shuffling=grouped_shuffling,
+            reuse_dataloader=getattr(self.cfg, "reuse_dataloader", True),
+            persistent_workers=getattr(self.cfg, "persistent_workers", True))
+        if can_reuse:
+            self.dataset_to_epoch_iter[dataset] = epoch_iter
+        return epoch_iter
+
+
+class CurriculumBatchSampler:
+    """``(dataset, epoch) -> batches``, called by the iterator at the start of every epoch.
+
+    Epochs before the start epoch get fairseq's batches, built as ``FairseqTask`` builds them
+    (once, at the first call). Curriculum epochs order the same filtered samples by complexity,
+    cut batches from each group with ``dataset.batch_by_size`` and the same limits, then apply
+    ``--moe-curriculum-shuffle``.
+    """
+
+    def __init__(self, task, max_positions, ignore_invalid_inputs, max_tokens, max_sentences,
+                 required_batch_size_multiple, seed, num_shards):
+        self.task, self.cfg, self.tracker = task, task.cfg, task.complexity
+        self.max_positions, self.ignore_invalid_inputs = max_positions, ignore_invalid_inputs
+        self.limits = dict(max_tokens=max_tokens, max_sentences=max_sentences,
+                           required_batch_size_multiple=required_batch_size_multiple)
+        self.seed, self.num_shards = seed, num_shards
+        self._indices = self._base_batches = None
+
+    def active(self, epoch: int) -> bool:
+        return epoch >= self.cfg.moe_curriculum_start_epoch
+
+    def base_batches(self, dataset, epoch):
+        """fairseq's ``make_batches``, frozen at the first epoch seen, as fairseq freezes them."""
+        if self._base_batches is None:
+            with data_utils.numpy_seed(self.seed + epoch):
+                indices = dataset.ordered_indices()
+            if self.max_positions is not None:
+                indices = self.task.filter_indices_by_size(
+                    indices, dataset, self.max_positions, self.ignore_invalid_inputs)
+            self._indices = indices
+            self._base_batches = dataset.batch_by_size(indices, **self.limits)
+        return self._base_batches
+
+    def __call__(self, dataset, epoch):
+        self.base_batches(dataset, epoch)
+        if not self.active(epoch):
+            self._log(epoch, self._base_batches, f"inactive until epoch "
+                      f"{self.cfg.moe_curriculum_start_epoch}, fairseq's order")
+            return self._base_batches
+
+        indices = self._indices
+        try:
+            lengths = dataset.num_tokens_vec(indices)
+        except NotImplementedError:
+            lengths = np.array([dataset.num_tokens(i) for i in indices], dtype=np.int64)
+        groups = curriculum_order(indices, self.tracker.multi, self.tracker.tokens, lengths)
+        batches = [b for g in groups if len(g) for b in dataset.batch_by_size(g, **self.limits)]
+        shuffle = self.cfg.moe_curriculum_shuffle
+        if shuffle == "buckets":
+            batches = shuffle_in_buckets(batches, self.cfg.moe_curriculum_bucket_steps,
+                                         self.num_shards, self.seed + epoch)
+        self._log(epoch, batches, f"active, ordered by complexity, shuffle {shuffle}")
+        return batches
+
+    def _log(self, epoch, batches, what):
+        seen = int(self.tracker.seen().sum())
+        line = (f"moe curriculum | epoch {epoch:03d} | {what} | seen {seen}/"
+                f"{self.tracker.num_samples} samples | {len(batches)} batches")
+        spread = batch_complexity_spread(batches, self.tracker.multi, self.tracker.tokens)
+        if spread:
+            line += (f" | batch 2x share min {spread['min']:.3f} median {spread['median']:.3f} "
+                     f"max {spread['max']:.3f} | within-batch std {spread['within_std']:.3f}")
+        elif self.active(epoch):
+            line += " | no statistics yet (needs an adaptive_moe_* criterion and an MoE model)"
+        logger.info(line)
+
+
+class CurriculumEpochBatchIterator(iterators.EpochBatchIterator):
+    """fairseq's iterator, except that curriculum epochs keep the sampler's order (fairseq would
+    shuffle the batches), and its state carries the curriculum statistics."""
+
+    @property
+    def first_batch(self):
+        """Only fairseq's dummy batch uses this: take it from fairseq's batches, so that a
+        curriculum epoch is not ordered before a checkpoint's statistics are restored."""
+        if self._frozen_batches is not None or not self.batch_sampler.active(self.epoch):
+            return super().first_batch
+        if not getattr(self.dataset, "supports_fetch_outside_dataloader", True):
+            return "DUMMY"
+        batch = self.batch_sampler.base_batches(self.dataset, self.epoch)[0]
+        return self.collate_fn([self.dataset[i] for i in batch])
+
+    def ordered_batches(self, epoch, fix_batches_to_gpus, shuffle):
+        if self.batch_sampler.active(epoch):
+            shuffle = False
+        return super().ordered_batches(epoch, fix_batches_to_gpus, shuffle)
+
+    def state_dict(self):
+        state = super().state_dict()
+        curriculum = {"tracker": self.batch_sampler.tracker.state_dict()}
+        if (state["iterations_in_epoch"] > 0 and state["epoch"] == self.epoch
+                and self.batch_sampler.active(self.epoch)):
+            # the order was computed from the statistics at the start of this epoch, which
+            # have changed since: keep the order itself for an exact resume
+            curriculum["epoch"] = self.epoch
+            curriculum["batch_sizes"] = torch.tensor([len(b) for b in self.frozen_batches])
+            curriculum["batches"] = torch.from_numpy(
+                np.concatenate([np.asarray(b, dtype=np.int64) for b in self.frozen_batches]))
+        state[STATE_KEY] = curriculum
+        return state
+
+    def load_state_dict(self, state_dict):
+        curriculum = state_dict.get(STATE_KEY)
+        tracker = self.batch_sampler.tracker
+        if curriculum is None:
+            logger.info("moe curriculum: the checkpoint has no curriculum statistics")
+        elif int(curriculum["tracker"]["num_samples"]) != tracker.num_samples:
+            logger.warning("moe curriculum: the checkpoint's statistics are for another training "
+                           "set size; starting afresh")
+        else:
+            tracker.load_state_dict(curriculum["tracker"])
+        self._frozen_batches = None  # rebuilt from the restored statistics when needed
+        if (curriculum is not None and curriculum.get("epoch") == state_dict["epoch"]
+                and state_dict.get("iterations_in_epoch", 0) > 0):
+            flat = curriculum["batches"].numpy()
+            ends = np.cumsum(curriculum["batch_sizes"].numpy())
+            self._frozen_batches = tuple(np.split(flat, ends[:-1]))
+        super().load_state_dict(state_dict)
+
+
+def _all_gather_rows(rows, device):
+    """Concatenate every data-parallel rank's complexity rows in rank order (CPU tensor).
+
+    Every rank calls this once per ``train_step`` (fairseq gives every rank the same number of
+    steps, with dummy batches when a shard runs out), so the collectives line up.
+    """
+    if distributed_utils.get_data_parallel_world_size() == 1:
+        return None if rows is None else rows.cpu()
+    group = distributed_utils.get_data_parallel_group()
+    shape = torch.tensor([0, 0] if rows is None else list(rows.shape), dtype=torch.long,
+                         device=device)
+    shapes = [s.tolist() for s in distributed_utils.all_gather(shape, group)]
+    n_max, width = max(s[0] for s in shapes), max(s[1] for s in shapes)
+    if n_max == 0:
+        return None
+    buf = torch.zeros(n_max, width, dtype=torch.long, device=device)
+    if rows is not None and rows.numel():
+        buf[:rows.shape[0], :rows.shape[1]] = rows.to(device)
+    parts = distributed_utils.all_gather(buf, group)
+    return torch.cat([p[:n] for p, (n, _) in zip(parts, shapes)]).cpu()

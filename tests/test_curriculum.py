@@ -1,0 +1,351 @@
+"""The complexity curriculum (paper §3.2): ordering rules, fairseq's order when off, 2 gloo ranks,
+and an exact mid-epoch resume (CPU)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import fairseq_adaptive_moe  # noqa: F401  (registers the task, allows checkpoints)
+from conftest import BIN, ROOT, USER_DIR, load_script, run_cli, shared_data
+from fairseq_adaptive_moe.data.curriculum import (
+    ComplexityTracker,
+    batch_complexity_spread,
+    curriculum_order,
+    sample_complexity,
+    shuffle_in_buckets,
+)
+
+# ---------------------------------------------------------------------------------------------
+# ordering on hand-built complexity vectors
+
+
+def tracker_from(rows):
+    """rows: per sample, a list of (multi, tokens) per layer, or None for unseen."""
+    num_layers = len(next(r for r in rows if r is not None))
+    t = ComplexityTracker(len(rows))
+    packed = [[i] + [m for m, _ in r] + [n for _, n in r] for i, r in enumerate(rows) if r]
+    t.update(torch.tensor(packed))
+    assert t.num_layers == num_layers
+    return t
+
+
+def order_of(tracker, indices=None, lengths=None):
+    indices = np.arange(tracker.num_samples) if indices is None else np.asarray(indices)
+    seen, unseen = curriculum_order(indices, tracker.multi, tracker.tokens, lengths)
+    return seen.tolist(), unseen.tolist()
+
+
+def test_anchor_then_cosine_similarity_most_similar_first():
+    #            C = [r_enc, r_dec]
+    rows = [[(4, 10), (0, 10)],    # 0: [0.4, 0.0]  4 two-expert tokens
+            [(1, 10), (1, 10)],    # 1: [0.1, 0.1]  2 two-expert tokens: the anchor
+            [(5, 10), (5, 10)],    # 2: [0.5, 0.5]  parallel to the anchor: cos 1
+            [(2, 10), (6, 10)],    # 3: [0.2, 0.6]  cos 0.894
+            [(0, 10), (3, 10)]]    # 4: [0.0, 0.3]  cos 0.707 (0 ties with it at 0.707)
+    seen, unseen = order_of(tracker_from(rows))
+    assert seen[0] == 1 and seen[1] == 2 and seen[2] == 3
+    assert set(seen[3:]) == {0, 4} and unseen == []
+    # 0 and 4 tie at cos 0.707: the shorter comes first, then the lower id
+    assert order_of(tracker_from(rows), lengths=[9, 5, 5, 5, 5])[0][3:] == [4, 0]
+    assert order_of(tracker_from(rows), lengths=[5, 5, 5, 5, 5])[0][3:] == [0, 4]
+
+
+def test_ties_break_by_length_then_id_and_the_anchor_leads():
+    same = [(1, 4), (2, 8)]  # four identical vectors, all with 3 two-expert tokens
+    tracker = tracker_from([same, same, same, same])
+    assert order_of(tracker, lengths=[7, 3, 7, 3]) == ([1, 3, 0, 2], [])
+    # the anchor is the one with the fewest two-expert tokens, even if a parallel one is shorter
+    tracker = tracker_from([[(2, 4), (4, 8)], [(1, 4), (2, 8)]])  # same direction, 6 vs 3 tokens
+    assert order_of(tracker, lengths=[1, 9]) == ([1, 0], [])
+
+
+def test_zero_vectors_lead_and_unseen_samples_come_last_batched_apart():
+    rows = [[(0, 5)], [(2, 5)], None, [(0, 9)], [(1, 5)], None]
+    seen, unseen = order_of(tracker_from(rows), lengths=[5, 5, 2, 9, 5, 1])
+    assert seen[:2] == [0, 3]            # no two-expert token at all: first, by length
+    assert seen[2:] == [4, 1]            # 1D vectors are all parallel: anchor (fewest) first
+    assert unseen == [5, 2]              # never seen: last, by (length, id)
+    # nothing seen yet: everything is "unseen", in size order
+    assert order_of(ComplexityTracker(3), lengths=[3, 1, 2]) == ([], [1, 2, 0])
+
+
+def test_only_the_epoch_indices_are_ordered():
+    tracker = tracker_from([[(1, 5)], [(3, 5)], [(0, 5)], [(2, 5)]])
+    seen, unseen = order_of(tracker, indices=[3, 1, 0])  # sample 2 was filtered out by size
+    assert sorted(seen) == [0, 1, 3] and unseen == []
+
+
+def test_tracker_updates_last_row_wins_and_state_round_trips():
+    t = ComplexityTracker(4)
+    t.update(torch.tensor([[2, 1, 5], [0, 0, 3]]))
+    t.update(torch.tensor([[2, 4, 5], [2, 2, 5]]))  # two ranks, same id: the last row wins
+    assert t.seen().tolist() == [True, False, True, False]
+    assert t.complexity()[2].tolist() == [pytest.approx(0.4)]
+    state = t.state_dict()
+    assert all(isinstance(v, (int, torch.Tensor)) for v in state.values())  # weights_only-safe
+    u = ComplexityTracker()
+    u.load_state_dict(state)
+    assert u.digest() == t.digest() and torch.equal(u.multi, t.multi)
+    assert u.resize(5) and not u.seen().any()  # another training set: forget
+    with pytest.raises(ValueError, match="MoE layers"):
+        t.update(torch.tensor([[1, 0, 0, 3, 3]]))
+
+
+def test_sample_complexity_from_moe_stats():
+    # experts_per_token is (T, B): 0 = padding, 1 = one expert, 2 = two experts
+    enc = SimpleNamespace(name="encoder.0", experts_per_token=torch.tensor(
+        [[0, 2], [2, 1], [1, 2]]))
+    dec = SimpleNamespace(name="decoder.0", experts_per_token=torch.tensor([[1, 2], [1, 0]]))
+    sample = {"id": torch.tensor([7, 3])}
+    rows = sample_complexity((None, {"moe_stats": [enc, dec]}), sample)
+    assert rows.tolist() == [[7, 1, 0, 2, 2], [3, 2, 1, 3, 1]]
+    assert sample_complexity((None, {"moe_stats": []}), sample) is None
+    t = ComplexityTracker(8)
+    t.update(rows)
+    assert t.complexity()[3].tolist() == [pytest.approx(2 / 3), 1.0]
+
+
+def test_bucket_shuffle_keeps_steps_and_buckets():
+    batches = [[i] for i in range(10)]
+    out = shuffle_in_buckets(batches, bucket_steps=2, num_shards=2, seed=5)
+    steps = [tuple(x[0] for x in out[i:i + 2]) for i in range(0, 10, 2)]
+    assert sorted(steps) == [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]  # steps stay together
+    assert {steps[0], steps[1]} == {(0, 1), (2, 3)} and steps[4] == (8, 9)  # within buckets
+    assert out == shuffle_in_buckets(batches, 2, 2, seed=5)  # same on every rank
+
+
+def test_batch_complexity_spread():
+    t = tracker_from([[(1, 4)], [(3, 4)], [(2, 4)], None])
+    spread = batch_complexity_spread([[0, 1], [2, 3]], t.multi, t.tokens)
+    assert spread["min"] == 0.5 and spread["max"] == 0.5 and spread["batches"] == 2
+    assert spread["within_std"] == pytest.approx((0.25 + 0.0) / 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# through fairseq
+
+
+@pytest.fixture(scope="module")
+def tiny_bin(tmp_path_factory):
+    """600 Multi30k de-en pairs (sentencepiece 500): a few seconds per epoch on 2 cores."""
+    prepare = load_script("examples/translation/prepare.py")
+    out = tmp_path_factory.mktemp("m30k-tiny") / "data-bin"
+    rc = prepare.main(["--data", str(shared_data("multi30k-deen")), "--out", str(out),
+                       "--vocab-size", "500", "--max-train-lines", "600",
+                       "--max-eval-lines", "40"])
+    assert rc == 0
+    return out
+
+
+TRAIN = [
+    "--user-dir", USER_DIR, "--task", "adaptive_moe_translation", "--moe-curriculum",
+    "--arch", "adaptive_moe_transformer_tiny", "--share-all-embeddings",
+    "--criterion", "adaptive_moe_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+    "--optimizer", "adam", "--lr", "1e-3", "--max-tokens", "2000", "--cpu", "--seed", "3",
+    "--log-format", "json", "--log-interval", "1", "--no-progress-bar", "--no-epoch-checkpoints",
+    "--disable-validation",
+]
+TIMING = {"wps", "ups", "wall", "train_wall", "gb_free"}
+ONE_THREAD = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+
+
+def train_records(text):
+    return {int(r["num_updates"]): {k: v for k, v in r.items() if k not in TIMING}
+            for r in (json.loads(line.split("| train_inner | ", 1)[1])
+                      for line in text.splitlines() if "| train_inner | " in line)}
+
+
+def curriculum_lines(text):
+    return [line.split("moe curriculum | ", 1)[1] for line in text.splitlines()
+            if "moe curriculum | epoch" in line]
+
+
+def make_task(data, *flags):
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [str(data), "--user-dir", USER_DIR, "--arch",
+                                                "adaptive_moe_transformer_tiny", *flags])
+    task = tasks.setup_task(convert_namespace_to_omegaconf(args).task)
+    task.load_dataset("train")
+    return task
+
+
+def epoch_batches(task, epochs=3):
+    """The batches (as sorted id tuples) fairseq-train would draw, epoch by epoch."""
+    itr = task.get_batch_iterator(task.dataset("train"), max_tokens=2000,
+                                  max_positions=(1024, 1024), ignore_invalid_inputs=True,
+                                  required_batch_size_multiple=8, seed=3, epoch=1)
+    out = []
+    for _ in range(epochs):
+        out.append([tuple(sorted(b["id"].tolist())) for b in itr.next_epoch_itr(shuffle=True)])
+    return out
+
+
+def test_switch_off_and_early_epochs_keep_fairseqs_order(tiny_bin):
+    fairseq_order = epoch_batches(make_task(tiny_bin, "--task", "translation"))
+    assert fairseq_order[0] != fairseq_order[1]  # fairseq shuffles its batches every epoch
+    assert epoch_batches(make_task(tiny_bin, "--task", "adaptive_moe_translation")) == fairseq_order
+    late = make_task(tiny_bin, "--task", "adaptive_moe_translation", "--moe-curriculum",
+                     "--moe-curriculum-start-epoch", "4")
+    assert epoch_batches(late) == fairseq_order  # switch on, but not started: fairseq's order
+
+    # started at epoch 2, with made-up statistics: epoch 1 is fairseq's, epoch 2 is not shuffled
+    def with_statistics(*flags):
+        task = make_task(tiny_bin, "--task", "adaptive_moe_translation", "--moe-curriculum", *flags)
+        n = len(task.dataset("train"))
+        task.complexity.resize(n)
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(3, 20, (n, 4), generator=g)
+        multi = (tokens * torch.rand(n, 4, generator=g)).long()
+        task.complexity.update(torch.cat([torch.arange(n).view(-1, 1), multi, tokens], 1))
+        return task
+
+    task = with_statistics()
+    got = epoch_batches(task, epochs=2)
+    assert got[0] == fairseq_order[0]
+    dataset = task.dataset("train")
+    ids = np.arange(len(dataset))
+    groups = curriculum_order(ids, task.complexity.multi, task.complexity.tokens,
+                              dataset.num_tokens_vec(ids))
+    expected = [tuple(sorted(b)) for g_ in groups if len(g_)
+                for b in dataset.batch_by_size(g_, max_tokens=2000,
+                                               required_batch_size_multiple=8)]
+    assert got[1] == expected
+    # --moe-curriculum-shuffle buckets: the same batches, shuffled within buckets of 3 steps
+    buckets = epoch_batches(with_statistics("--moe-curriculum-shuffle", "buckets",
+                                            "--moe-curriculum-bucket-steps", "3"), epochs=2)
+    assert buckets[1] == shuffle_in_buckets(expected, 3, 1, seed=3 + 2) != expected
+
+
+SPY = r"""
+import hashlib, json, sys
+import numpy as np
+import torch.distributed as dist
+
+root, out = sys.argv[1], sys.argv[2]
+sys.path.insert(0, root)  # this checkout's plugin, the one --user-dir names
+from fairseq_cli.train import cli_main  # first: it sets up fairseq's log format
+from fairseq_adaptive_moe.tasks import adaptive_moe_translation as t
+
+def write(record):
+    with open(f"{out}/rank{dist.get_rank()}.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+order = t.CurriculumBatchSampler.__call__
+def spy_order(self, dataset, epoch):
+    batches = order(self, dataset, epoch)
+    write({"epoch": epoch, "tracker": self.tracker.digest(),
+           "batches": [sorted(np.asarray(b).tolist()) for b in batches]})
+    return batches
+t.CurriculumBatchSampler.__call__ = spy_order
+
+step = t.AdaptiveMoETranslationTask.train_step
+def spy_step(self, sample, *args, ignore_grad=False, **kwargs):
+    write({"step": None if ignore_grad else sorted(sample["id"].tolist())})
+    return step(self, sample, *args, ignore_grad=ignore_grad, **kwargs)
+t.AdaptiveMoETranslationTask.train_step = spy_step
+
+sys.argv = ["fairseq-train"] + sys.argv[3:]
+cli_main()
+"""
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_ranks_compute_the_same_order(tiny_bin, tmp_path):
+    spy = tmp_path / "spy.py"
+    spy.write_text(SPY)
+    init = f"tcp://127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen(
+        [sys.executable, str(spy), str(ROOT), str(tmp_path), str(tiny_bin), *TRAIN,
+         "--save-dir", str(tmp_path / "ckpt"), "--max-epoch", "2",
+         "--distributed-world-size", "2", "--distributed-rank", str(rank),
+         "--distributed-init-method", init, "--distributed-no-spawn",
+         "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp"],
+        env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
+
+    records = [[json.loads(line) for line in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()]
+               for r in (0, 1)]
+    orders = [[r for r in recs if "batches" in r] for recs in records]
+    steps = [[r["step"] for r in recs if "step" in r] for recs in records]
+    assert [o["epoch"] for o in orders[0]] == [1, 2]
+    assert orders[0] == orders[1]  # same statistics (digest) and same batches on both ranks
+    assert "active, ordered by complexity" in curriculum_lines(logs[0])[-1]
+    assert "seen 600/600" in curriculum_lines(logs[0])[-1]  # each rank saw half, merged
+
+    # sharded after ordering: at step k of epoch 2, rank r trains batch 2k + r of the order
+    first, second = orders[0][0]["batches"], orders[0][1]["batches"]
+    per_rank = (len(first) + 1) // 2
+    for rank in (0, 1):
+        epoch2 = steps[rank][per_rank:per_rank + (len(second) + 1) // 2]
+        expected = second[rank::2] + [None] * ((len(second) + 1) // 2 - len(second[rank::2]))
+        assert epoch2 == expected
+
+
+def test_resume_mid_curriculum_epoch_matches_uninterrupted_run(tiny_bin, tmp_path):
+    def train(save, *extra):
+        # one thread: on a loaded 2-core machine, two threads per run are much slower
+        proc = subprocess.run([str(BIN / "fairseq-train"), str(tiny_bin), *TRAIN, "--save-dir",
+                               str(save), "--max-epoch", "2", *extra], capture_output=True,
+                              text=True, timeout=600, env=ONE_THREAD)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return proc.stdout + proc.stderr
+
+    whole = train(tmp_path / "a")
+    records = train_records(whole)
+    epochs = [int(r["epoch"]) for _, r in sorted(records.items())]
+    cut = epochs.count(1) + epochs.count(2) // 2  # in the middle of the first curriculum epoch
+    assert "epoch 002 | active" in curriculum_lines(whole)[-1]
+
+    first = train(tmp_path / "b", "--max-update", str(cut))
+    resumed = train(tmp_path / "b")
+    assert f"(epoch 2 @ {cut} updates)" in resumed
+    assert curriculum_lines(resumed) == []  # the saved order of epoch 2 is reused, not rebuilt
+
+    both = {**train_records(first), **train_records(resumed)}
+    assert sorted(both) == sorted(records)
+    assert both == records  # same batches (bsz, wpb, moe_2x ...) and losses, update by update
+
+    ckpt_a = torch.load(tmp_path / "a" / "checkpoint_last.pt", weights_only=True)
+    ckpt_b = torch.load(tmp_path / "b" / "checkpoint_last.pt", weights_only=True)
+    assert ckpt_a["model"].keys() == ckpt_b["model"].keys()
+    for name, value in ckpt_a["model"].items():
+        assert torch.equal(value, ckpt_b["model"][name]), name
+    # and the statistics that order the next epoch
+    state_a, state_b = (c["extra_state"]["train_iterator"]["moe_curriculum"]["tracker"]
+                        for c in (ckpt_a, ckpt_b))
+    assert torch.equal(state_a["multi"], state_b["multi"])
+    assert torch.equal(state_a["tokens"], state_b["tokens"])
+    assert int((state_b["tokens"].sum(1) > 0).sum()) == 600
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--moe-curriculum-start-epoch", "0"], "--moe-curriculum-start-epoch"),
+    (["--moe-curriculum-bucket-steps", "0"], "--moe-curriculum-bucket-steps"),
+    (["--moe-curriculum-shuffle", "random"], "--moe-curriculum-shuffle"),
+])
+def test_bad_flags_fail_with_one_line(tiny_bin, tmp_path, flags, named):
+    save = tmp_path / "never"
+    proc = run_cli("fairseq-train", tiny_bin, *TRAIN, "--save-dir", save, "--max-update", "1",
+                   *flags, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and named in errors[0], proc.stderr[-2000:]
+    assert not save.exists()
