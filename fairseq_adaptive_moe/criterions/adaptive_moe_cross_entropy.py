@@ -1,6 +1,8 @@
 """``adaptive_moe_label_smoothed_cross_entropy``: label-smoothed CE plus the MoE auxiliary losses.
 
-``loss = CE + sample_size * (w_balance * sum_l L_balance,l + w_z * sum_l L_z,l)``
+``loss = CE + sample_size * (w_balance * sum_l L_balance,l + w_z * sum_l L_z,l)``, where CE is
+the summed label-smoothed cross-entropy. The logged ``loss`` is CE alone; ``moe_loss`` is logged
+beside it.
 
 fairseq divides the summed CE by ``sample_size`` before the update, so the auxiliary terms act
 with exactly their stated weights (paper: w_balance = 0.01), whatever the batch size.
@@ -43,7 +45,13 @@ class AdaptiveMoELabelSmoothedCrossEntropyConfig(LabelSmoothedCrossEntropyCriter
 
 
 class MoECriterionMixin:
-    """Adds the MoE auxiliary loss and metrics to a fairseq criterion."""
+    """Adds the MoE auxiliary loss and metrics to a fairseq criterion.
+
+    The criterion supplies ``task_loss(model, net_output, sample, reduce) -> (loss, logging
+    entries)`` and keeps ``moe_balance_loss_weight`` / ``moe_z_loss_weight``; the mixin's
+    ``forward`` adds ``sample_size * aux`` to the loss and the MoE metrics to the logging output.
+    ``loss`` in the logging output stays the task loss alone (``moe_loss`` is logged beside it).
+    """
 
     def moe_loss(self, net_output, sample_size):
         """(scaled auxiliary loss to add to the summed task loss, logging entries)."""
@@ -55,6 +63,19 @@ class MoECriterionMixin:
             log["moe_loss"] = aux.detach().item()
         return aux, log
 
+    def forward(self, model, sample, reduce=True):
+        net_output = model(**sample["net_input"])
+        loss, logging_output = self.task_loss(model, net_output, sample, reduce)
+        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
+        aux, moe_log = self.moe_loss(net_output, sample_size)
+        logging_output.update(ntokens=sample["ntokens"], nsentences=sample["target"].size(0),
+                              sample_size=sample_size, **moe_log)
+        # curriculum (tasks/adaptive_moe_translation.py): per-sample complexity, popped by the
+        # task's train_step before fairseq's logging all-reduce
+        if model.training and getattr(self.task, "collects_sample_complexity", False):
+            logging_output[SAMPLE_COMPLEXITY_KEY] = sample_complexity(net_output, sample)
+        return loss + aux, sample_size, logging_output
+
 
 @register_criterion("adaptive_moe_label_smoothed_cross_entropy",
                     dataclass=AdaptiveMoELabelSmoothedCrossEntropyConfig)
@@ -65,30 +86,14 @@ class AdaptiveMoELabelSmoothedCrossEntropyCriterion(MoECriterionMixin, LabelSmoo
         self.moe_balance_loss_weight = moe_balance_loss_weight
         self.moe_z_loss_weight = moe_z_loss_weight
 
-    def forward(self, model, sample, reduce=True):
-        net_output = model(**sample["net_input"])
+    def task_loss(self, model, net_output, sample, reduce):
         loss, nll_loss = self.compute_loss(model, net_output, sample, reduce=reduce)
-        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
-        aux, moe_log = self.moe_loss(net_output, sample_size)
-        loss = loss + aux
-        logging_output = {
-            "loss": loss.data,
-            "nll_loss": nll_loss.data,
-            "ntokens": sample["ntokens"],
-            "nsentences": sample["target"].size(0),
-            "sample_size": sample_size,
-            **moe_log,
-        }
-        # --- curriculum hook (tasks/adaptive_moe_translation.py): per-sample complexity, popped
-        # by the task's train_step before fairseq's logging all-reduce
-        if model.training and getattr(self.task, "collects_sample_complexity", False):
-            logging_output[SAMPLE_COMPLEXITY_KEY] = sample_complexity(net_output, sample)
-        # --- end curriculum hook
+        logging_output = {"loss": loss.data, "nll_loss": nll_loss.data}
         if self.report_accuracy:
             n_correct, total = self.compute_accuracy(model, net_output, sample)
             logging_output["n_correct"] = n_correct.data
             logging_output["total"] = total.data
-        return loss, sample_size, logging_output
+        return loss, logging_output
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:

@@ -25,19 +25,9 @@ class AdaptiveMoECrossEntropyCriterion(MoECriterionMixin, CrossEntropyCriterion)
         self.moe_balance_loss_weight = moe_balance_loss_weight
         self.moe_z_loss_weight = moe_z_loss_weight
 
-    def forward(self, model, sample, reduce=True):
-        net_output = model(**sample["net_input"])
+    def task_loss(self, model, net_output, sample, reduce):
         loss, _ = self.compute_loss(model, net_output, sample, reduce=reduce)
-        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
-        aux, moe_log = self.moe_loss(net_output, sample_size)
-        logging_output = {
-            "loss": loss.data,  # the task loss alone: fairseq derives perplexity from it
-            "ntokens": sample["ntokens"],
-            "nsentences": sample["target"].size(0),
-            "sample_size": sample_size,
-            **moe_log,
-        }
-        return loss + aux, sample_size, logging_output
+        return loss, {"loss": loss.data}  # the task loss: fairseq derives perplexity from it
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
