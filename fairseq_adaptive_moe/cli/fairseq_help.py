@@ -17,6 +17,7 @@ def moe_help_text() -> str:
 
     from ..criterions.adaptive_moe_cross_entropy import MoELossConfig
     from ..models.config import MoEConfig
+    from ..tasks.adaptive_moe_translation import MoECurriculumConfig
 
     parser = argparse.ArgumentParser(add_help=False, usage=argparse.SUPPRESS)
     model = parser.add_argument_group(
@@ -25,6 +26,9 @@ def moe_help_text() -> str:
     criterion = parser.add_argument_group(
         "fairseq_adaptive_moe criterion options (--criterion adaptive_moe_*)")
     gen_parser_from_dataclass(criterion, MoELossConfig())
+    task = parser.add_argument_group(
+        "fairseq_adaptive_moe task options (--task adaptive_moe_translation)")
+    gen_parser_from_dataclass(task, MoECurriculumConfig())
     return parser.format_help()
 
 

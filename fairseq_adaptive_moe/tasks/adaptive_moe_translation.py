@@ -30,7 +30,7 @@ import torch
 
 from fairseq import utils
 from fairseq.data import FairseqDataset, data_utils, iterators
-from fairseq.dataclass import ChoiceEnum
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.distributed import utils as distributed_utils
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
@@ -50,7 +50,9 @@ STATE_KEY = "moe_curriculum"
 
 
 @dataclass
-class AdaptiveMoETranslationConfig(TranslationConfig):
+class MoECurriculumConfig(FairseqDataclass):
+    """The curriculum options, mixed into a task's config."""
+
     moe_curriculum: bool = field(
         default=False,
         metadata={"help": "order each training epoch by sample complexity (paper §3.2): "
@@ -81,6 +83,11 @@ class AdaptiveMoETranslationConfig(TranslationConfig):
             value = getattr(self, name)
             if isinstance(value, int) and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+@dataclass
+class AdaptiveMoETranslationConfig(TranslationConfig, MoECurriculumConfig):
+    """fairseq's ``TranslationConfig`` plus the ``moe_curriculum*`` options."""
 
 
 def _at_least_one():
