@@ -195,38 +195,45 @@ def test_identity_experts_round_trip():
     assert torch.allclose(y, x, atol=1e-6)
 
 
+@pytest.mark.parametrize("trim", [True, False], ids=["trimmed", "static"])
 @pytest.mark.parametrize("policy,threshold", [("top1", 0.1), ("top2", 0.1), ("adaptive", 0.15)])
-def test_fast_path_equals_loop_reference_forward_and_backward(policy, threshold):
+def test_fast_path_equals_loop_reference_forward_and_backward(policy, threshold, trim):
     layer = make_layer(5, 8, 12, policy, threshold=threshold)
     x = torch.randn(37, 8, requires_grad=True)
     mask = torch.ones(37, dtype=torch.bool)
     mask[[3, 20]] = False
-    y, _ = layer(x, ~mask)
     decision = layer.gate(x, mask)
+    y, plan = layer.apply_experts(x, decision, trim=trim)
+    assert plan.trimmed == trim
     ref = reference_moe(layer, x, decision)
     assert torch.allclose(y, ref, atol=1e-5)
     g = torch.randn_like(y)
-    grads = torch.autograd.grad(y, [x] + list(layer.parameters()), g)
+    grads = torch.autograd.grad(y, [x] + list(layer.parameters()), g, retain_graph=True)
     ref_grads = torch.autograd.grad(ref, [x] + list(layer.parameters()), g, allow_unused=True)
     for a, b in zip(grads, ref_grads):
         b = torch.zeros_like(a) if b is None else b
         assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_empty_uneven_and_single_row_groups():
-    layer = make_layer(6, 8, 12, "top1")
-    with torch.no_grad():  # bias the gate so experts get 0, 1 and many rows
-        layer.gate.wg.weight.zero_()
+@pytest.mark.parametrize("trim", [True, False], ids=["trimmed", "static"])
+def test_empty_uneven_and_single_row_groups(trim):
+    layer = make_layer(6, 8, 12, "top2")
     x = torch.randn(9, 8)
     logits = torch.full((9, 6), -10.0)
-    logits[:8, 2] = 10.0
-    logits[8, 4] = 10.0
-    decision = route(logits, "top1")
-    p = dispatch.plan(decision)
-    assert p.counts.tolist() == [0, 0, 8, 0, 1, 0]
-    rows = layer.experts(dispatch.permute(x, p), p)
-    y = dispatch.unpermute_combine(rows, p, decision)
-    assert torch.allclose(y, reference_moe(layer, x, decision), atol=1e-5)
+    logits[:8, 2] = 10.0  # 8 tokens: expert 2 first ...
+    logits[:8, 5] = 9.0  # ... expert 5 second
+    logits[8, 4] = 10.0  # one token: expert 4, then expert 0
+    logits[8, 0] = 5.0
+    decision = route(logits, "top2")
+    out, p = layer.apply_experts(x, decision, trim=trim)
+    assert p.counts.tolist() == [1, 0, 8, 0, 1, 8]
+    assert p.num_rows == 18  # every slot is used
+    assert torch.allclose(out, reference_moe(layer, x, decision), atol=1e-5)
+    padded = route(logits, "top2", token_mask=torch.arange(9) < 5)  # 4 tokens use no expert
+    out, p = layer.apply_experts(x, padded, trim=trim)
+    assert p.num_rows == (10 if trim else 18)
+    assert out[5:].abs().sum() == 0
+    assert torch.allclose(out, reference_moe(layer, x, padded), atol=1e-5)
 
 
 def test_single_token_and_all_on_one_expert():

@@ -659,6 +659,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print()
     print("compute = (2-f)/2; paper = Table 1 fwd+bwd / top-2 (A100); TF/s counts useful expert "
           "FLOPs 2 * 2 * rows * d * ffn (x3 for fwd+bwd), rows = S * (2 - f)")
+    print(f"timing: median of {cfg['repeats']} after {cfg['warmup']} warm-up, round-robin over f; "
+          "fwd records the autograd graph (training mode); all but dense include the gate linear")
     checked = sorted({c["impl"] for c in checks})
     if checked:
         worst = max(c["max_abs_diff"] for c in checks)

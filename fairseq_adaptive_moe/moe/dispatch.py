@@ -2,9 +2,13 @@
 
 Legend: (S) tokens, (K) candidate slots per token, (E) experts, (N = S*K) rows, (C) model dim.
 
-Every slot gets a row; unused slots (padding, below threshold, over capacity) are keyed to a
-sentinel expert E, so they sort after every real group and are masked, never computed on. The
-plan needs no host sync: all sizes are static, and group ends live on the device.
+Unused slots (padding, below threshold, over capacity) are keyed to a sentinel expert E, so
+they sort after every real group. Two ways to treat them:
+
+* trimmed (CPU): the rows are cut to the used ones. Reading the count is a host read, which
+  costs nothing where the host is the device, and no work is spent on unused slots.
+* static (accelerators): every slot keeps a row, so sizes are static and the plan needs no host
+  sync; the unused rows are masked with ``where`` (never multiplied by zero), not computed on.
 """
 
 from dataclasses import dataclass
@@ -20,11 +24,12 @@ class DispatchPlan:
     """How to move S*K slots into expert order.
 
     slot_of_row:   (N,) long, the flat slot (token * K + rank) each sorted row holds
-    row_of_slot:   (N,) long, inverse permutation of ``slot_of_row``
+    row_of_slot:   (S*K,) long, each slot's row; >= ``num_rows`` for unused slots when trimmed
     expert_of_row: (N,) long, the expert of each sorted row; E for unused slots
-    valid_row:     (N,) bool, rows that belong to a real expert
+    valid_row:     (N,) bool, rows that belong to a real expert (all of them when trimmed)
     counts:        (E,) long, rows per expert
     offsets:       (E,) int32, cumulative group ends (``grouped_mm``'s ``offs``)
+    trimmed:       whether N is the number of used slots (else S*K)
     """
 
     slot_of_row: Tensor
@@ -34,13 +39,18 @@ class DispatchPlan:
     counts: Tensor
     offsets: Tensor
     slots_per_token: int
+    trimmed: bool
+
+    @property
+    def num_rows(self) -> int:
+        return self.slot_of_row.shape[0]
 
     @property
     def token_of_row(self) -> Tensor:
         return self.slot_of_row // self.slots_per_token
 
 
-def plan(decision: RoutingDecision) -> DispatchPlan:
+def plan(decision: RoutingDecision, trim: bool = False) -> DispatchPlan:
     num_experts = decision.num_experts
     k = decision.expert_index.shape[1]
     keyed = torch.where(decision.used, decision.expert_index, num_experts).reshape(-1)  # (N,)
@@ -50,22 +60,32 @@ def plan(decision: RoutingDecision) -> DispatchPlan:
     expert_of_row = keyed[slot_of_row]
     counts = torch.bincount(keyed, minlength=num_experts + 1)[:num_experts]
     offsets = counts.cumsum(0).to(torch.int32)
-    return DispatchPlan(
-        slot_of_row, row_of_slot, expert_of_row, expert_of_row < num_experts, counts, offsets, k
-    )
+    if trim:
+        used = int(offsets[-1])
+        slot_of_row, expert_of_row = slot_of_row[:used], expert_of_row[:used]
+    return DispatchPlan(slot_of_row, row_of_slot, expert_of_row, expert_of_row < num_experts,
+                        counts, offsets, k, trim)
 
 
 def permute(x: Tensor, p: DispatchPlan) -> Tensor:
-    """(S, C) tokens -> (N, C) expert-sorted rows; unused rows are 0 (masked with ``where``)."""
+    """(S, C) tokens -> (N, C) expert-sorted rows; unused rows (static plans) are 0."""
     rows = x.index_select(0, p.token_of_row)
+    if p.trimmed:
+        return rows
     return torch.where(p.valid_row.unsqueeze(-1), rows, rows.new_zeros(()))
 
 
 def unpermute_combine(rows: Tensor, p: DispatchPlan, decision: RoutingDecision) -> Tensor:
     """(N, C) expert outputs -> (S, C): gather each slot's row through the inverse permutation
-    and sum the slots with their combine weights. A gather, not ``index_add_``: no atomics."""
+    and sum the slots with their combine weights. A gather, not ``index_add_``: no atomics.
+
+    Unused slots must read a zero row: a trimmed plan points them past the end, at an appended
+    zero row; a static plan's unused rows are already 0 (``ExpertFFN`` masks them)."""
     num_tokens, k = decision.used.shape
-    slots = rows.index_select(0, p.row_of_slot).view(num_tokens, k, -1)  # (S, K, C)
-    slots = torch.where(decision.used.unsqueeze(-1), slots, slots.new_zeros(()))
+    index = p.row_of_slot
+    if p.trimmed:
+        rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+        index = index.clamp_max(p.num_rows)
+    slots = rows.index_select(0, index).view(num_tokens, k, -1)  # (S, K, C)
     weight = decision.weight.to(slots.dtype).unsqueeze(-1)
     return (slots * weight).sum(dim=1)

@@ -37,25 +37,40 @@ def _grouped_mm_ok(x: Tensor, w: Tensor) -> bool:
     return (x.shape[-1] * item) % 16 == 0 and (w.shape[-1] * item) % 16 == 0
 
 
-def grouped_linear(rows: Tensor, weight: Tensor, bias: Tensor, offsets: Tensor, group: Tensor,
-                   valid: Tensor, counts: Tensor) -> Tensor:
-    """``rows[i] @ weight[group[i]] + bias[group[i]]`` for the sorted rows (N, Cin) -> (N, Cout).
+def grouped_linear(rows: Tensor, weight: Tensor, plan, bias: Optional[Tensor] = None) -> Tensor:
+    """``rows[i] @ weight[g_i] (+ bias[g_i])`` for expert-sorted rows (N, Cin) -> (N, Cout).
 
-    Rows past the last group end are uninitialised by ``grouped_mm``; they are masked with
-    ``where`` (never multiplied by zero, which would keep a NaN). Without ``grouped_mm`` (torch
-    < 2.9, unaligned shapes, CUDA non-bf16) a per-expert loop over ``weight.unbind(0)`` computes
-    the same thing; it syncs once for the group sizes.
+    Uses ``grouped_mm`` where it applies; otherwise (torch < 2.9, unaligned shapes, CUDA
+    non-bf16) a per-expert loop over ``weight.unbind(0)``, which reads the group sizes once.
+    Rows of a static plan past the last group end are uninitialised by ``grouped_mm``: they are
+    masked with ``where``, never multiplied by zero (that would keep a NaN).
     """
     if _grouped_mm_ok(rows, weight):
-        out = F.grouped_mm(rows, weight, offs=offsets)
+        out = F.grouped_mm(rows, weight, offs=plan.offsets)
     else:
-        sizes = counts.tolist()
+        sizes = plan.counts.tolist()
         used = sum(sizes)
         parts = [r @ w for r, w in zip(rows[:used].split(sizes), weight.unbind(0))]
-        tail = rows.new_zeros(rows.shape[0] - used, weight.shape[-1])
-        out = torch.cat(parts + [tail], dim=0)
-    out = out + bias.index_select(0, group.clamp_max(bias.shape[0] - 1))
-    return torch.where(valid.unsqueeze(-1), out, out.new_zeros(()))
+        out = torch.cat(parts + [rows.new_zeros(rows.shape[0] - used, weight.shape[-1])])
+    if bias is not None:
+        out = out + bias.index_select(0, plan.expert_of_row.clamp_max(bias.shape[0] - 1))
+    if plan.trimmed:
+        return out
+    return torch.where(plan.valid_row.unsqueeze(-1), out, out.new_zeros(()))
+
+
+def with_bias_column(rows: Tensor, weight: Tensor, bias: Tensor):
+    """``x @ W + b == [x, 1] @ [W; b]``: fold a per-expert bias into the grouped GEMM.
+
+    Saves materialising and adding an (N, Cout) bias tensor; the appended columns are padded
+    with zeros to keep rows 16-byte aligned for ``grouped_mm``.
+    """
+    align = max(1, 16 // rows.element_size())
+    extra = 1 + (-(rows.shape[1] + 1)) % align
+    ones = rows.new_zeros(rows.shape[0], extra)
+    ones[:, 0] = 1
+    zeros = weight.new_zeros(weight.shape[0], extra - 1, weight.shape[2])
+    return torch.cat([rows, ones], 1), torch.cat([weight, bias.unsqueeze(1), zeros], 1)
 
 
 class ExpertFFN(nn.Module):
@@ -114,14 +129,13 @@ class ExpertFFN(nn.Module):
         return x.dtype
 
     def forward(self, rows: Tensor, plan) -> Tensor:
-        """(N, C) expert-sorted rows -> (N, C); rows of unused slots come back as 0."""
+        """(N, C) expert-sorted rows -> (N, C); rows of unused slots (static plans) are 0."""
         dtype = self.compute_dtype(rows)
-        h = rows.to(dtype)
-        args = (plan.offsets, plan.expert_of_row, plan.valid_row, plan.counts)
-        h = grouped_linear(h, self.fc1_weight.to(dtype), self.fc1_bias.to(dtype), *args)
+        w1, b1 = self.fc1_weight.to(dtype), self.fc1_bias.to(dtype)
+        h = grouped_linear(*with_bias_column(rows.to(dtype), w1, b1), plan)
         h = self.activation_fn(h)
         h = F.dropout(h, p=self.activation_dropout, training=self.training)
-        out = grouped_linear(h, self.fc2_weight.to(dtype), self.fc2_bias.to(dtype), *args)
+        out = grouped_linear(h, self.fc2_weight.to(dtype), plan, self.fc2_bias.to(dtype))
         return out.to(rows.dtype)
 
     def extra_repr(self) -> str:

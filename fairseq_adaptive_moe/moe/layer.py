@@ -155,9 +155,14 @@ class MoELayer(nn.Module):
         out, plan = self.apply_experts(tokens, decision)
         return out.view(*lead, embed_dim).to(x.dtype), self.stats(decision, plan, lead)
 
-    def apply_experts(self, tokens: Tensor, decision: RoutingDecision):
-        """Steps 2-4 for (S, C) tokens and a given decision -> ((S, C) output, DispatchPlan)."""
-        plan = dispatch.plan(decision)  # 2. dispatch
+    def apply_experts(self, tokens: Tensor, decision: RoutingDecision, trim: Optional[bool] = None):
+        """Steps 2-4 for (S, C) tokens and a given decision -> ((S, C) output, DispatchPlan).
+
+        ``trim`` (default: on CPU) computes only the used slots' rows; otherwise every slot keeps
+        a row and sizes stay static (no host sync), see :mod:`dispatch`."""
+        if trim is None:
+            trim = tokens.device.type == "cpu"
+        plan = dispatch.plan(decision, trim=trim)  # 2. dispatch
         rows = dispatch.permute(tokens, plan)
         rows = self.experts(rows, plan)  # 3. compute
         return dispatch.unpermute_combine(rows, plan, decision), plan  # 4. combine
