@@ -38,13 +38,18 @@ def run_cli(tool: str, *args, cwd=None, check=True, timeout=600, input=None):
     return proc
 
 
-@pytest.fixture(scope="session")
-def m30k_bin(tmp_path_factory):
-    """A small binarized slice of Multi30k de-en (sentencepiece 1000, joined dictionary)."""
+def prepare_m30k(tmp_path_factory, vocab_size: int, max_train: int, max_eval: int) -> Path:
+    """A binarized slice of Multi30k de-en (joined sentencepiece dictionary)."""
     prepare = load_script("examples/translation/prepare.py")
-    out = tmp_path_factory.mktemp("m30k") / "data-bin"
+    out = tmp_path_factory.mktemp(f"m30k-{max_train}") / "data-bin"
     rc = prepare.main(["--data", str(shared_data("multi30k-deen")), "--out", str(out),
-                       "--vocab-size", "1000", "--max-train-lines", "3000",
-                       "--max-eval-lines", "60"])
+                       "--vocab-size", str(vocab_size), "--max-train-lines", str(max_train),
+                       "--max-eval-lines", str(max_eval)])
     assert rc == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def m30k_bin(tmp_path_factory):
+    """3,000 training pairs, 60 valid/test pairs, sentencepiece 1000."""
+    return prepare_m30k(tmp_path_factory, 1000, 3000, 60)

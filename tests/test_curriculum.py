@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fairseq_adaptive_moe  # noqa: F401  (registers the task, allows checkpoints)
-from conftest import BIN, ROOT, USER_DIR, load_script, run_cli, shared_data
+from conftest import BIN, ROOT, USER_DIR, prepare_m30k, run_cli
 from fairseq_adaptive_moe.data.curriculum import (
     ComplexityTracker,
     batch_complexity_spread,
@@ -135,13 +135,7 @@ def test_batch_complexity_spread():
 @pytest.fixture(scope="module")
 def tiny_bin(tmp_path_factory):
     """600 Multi30k de-en pairs (sentencepiece 500): a few seconds per epoch on 2 cores."""
-    prepare = load_script("examples/translation/prepare.py")
-    out = tmp_path_factory.mktemp("m30k-tiny") / "data-bin"
-    rc = prepare.main(["--data", str(shared_data("multi30k-deen")), "--out", str(out),
-                       "--vocab-size", "500", "--max-train-lines", "600",
-                       "--max-eval-lines", "40"])
-    assert rc == 0
-    return out
+    return prepare_m30k(tmp_path_factory, 500, 600, 40)
 
 
 TRAIN = [

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from fairseq_adaptive_moe.moe import (
     ExpertFFN, GateConfigError, MoELayer, TopKGate, balance_loss, route, z_loss,
 )
-from fairseq_adaptive_moe.moe import dispatch
 
 
 def logits_from_probs(rows):
