@@ -108,3 +108,16 @@ def test_missing_file_exits_2(prepare, tmp_path, capsys):
     assert str(data / "test.en") in err
     assert len(err.strip().splitlines()) == 1
     assert list(out.iterdir()) == []
+
+
+def test_download_fails_cleanly_when_offline(tmp_path, capsys, monkeypatch):
+    prepare = load_prepare()
+    # a closed local port: the same refusal an offline machine gets, without touching the network
+    monkeypatch.setattr(prepare, "MULTI30K_URL", "http://127.0.0.1:9/{name}.{lang}.gz")
+    out = tmp_path / "out"
+    rc = prepare.main(["--download-multi30k", str(tmp_path / "raw"), "--out", str(out)])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot download" in err[0] and "--data PATH" in err[0]
+    assert not out.exists()
+    assert not list((tmp_path / "raw").glob("*.de"))  # nothing half-written

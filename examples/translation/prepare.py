@@ -10,7 +10,10 @@ files::
 
 where SRC/TGT are the language codes given by ``--src``/``--tgt`` (default
 ``de``/``en``).  By default ``--data`` is ``<repo root>/../shared/data/
-multi30k-deen``.  Nothing is downloaded: with other data, pass ``--data PATH``.
+multi30k-deen``; with other data, pass ``--data PATH``.  Users online can
+instead pass ``--download-multi30k DIR``, which fetches Multi30k's task-1 raw
+files (train, val, test_2016_flickr) from its public repository into DIR and
+uses them; offline, it fails with one line saying so.
 
 Output (in ``--out``)
 ---------------------
@@ -67,6 +70,8 @@ DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "multi30k-deen"
 SPLITS = ("train", "valid", "test")
 EVAL_SPLITS = ("valid", "test")
 PROG = "prepare.py"
+MULTI30K_URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw/{name}.{lang}.gz"
+MULTI30K_FILES = {"train": "train", "valid": "val", "test": "test_2016_flickr"}
 
 
 class InputError(Exception):
@@ -94,6 +99,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         type=Path,
         default=DEFAULT_DATA,
         help="directory with {train,valid,test}.{SRC,TGT} raw text files",
+    )
+    p.add_argument(
+        "--download-multi30k",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="online only: fetch Multi30k task-1 raw text (train, val, test_2016_flickr) "
+        "for --src/--tgt into DIR (files already there are kept) and use DIR as --data",
     )
     p.add_argument("--src", default="de", help="source language code (file suffix)")
     p.add_argument("--tgt", default="en", help="target language code (file suffix)")
@@ -153,6 +166,31 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 # --------------------------------------------------------------------------- #
 # input handling
 # --------------------------------------------------------------------------- #
+
+
+def download_multi30k(dest: Path, langs: Sequence[str], timeout: float = 20.0) -> None:
+    """Fetch Multi30k task-1 raw files into ``dest/{split}.{lang}``; InputError when offline."""
+    import gzip
+    import urllib.error
+    import urllib.request
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for split, name in MULTI30K_FILES.items():
+        for lang in langs:
+            target = dest / f"{split}.{lang}"
+            if target.is_file():
+                continue
+            url = MULTI30K_URL.format(name=name, lang=lang)
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as response:
+                    text = gzip.decompress(response.read())
+            except (OSError, urllib.error.URLError, EOFError) as e:
+                reason = getattr(e, "reason", None) or e
+                raise InputError(f"cannot download {url} ({reason}); offline? give --data PATH "
+                                 f"with {{train,valid,test}}.{{{','.join(langs)}}} instead") from None
+            part = target.with_name(target.name + ".part")
+            part.write_bytes(text)
+            os.replace(part, target)
 
 
 def languages(src: str, tgt: Optional[str]) -> List[str]:
@@ -360,6 +398,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = args.out.expanduser().resolve()
 
     try:
+        if args.download_multi30k is not None:
+            data = args.download_multi30k.expanduser().resolve()
+            download_multi30k(data, languages(src, tgt))
         paths = check_inputs(data, src, tgt)
         if out.exists() and not out.is_dir():
             raise InputError(f"--out exists and is not a directory: {out}")
