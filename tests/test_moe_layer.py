@@ -202,7 +202,7 @@ def test_fast_path_equals_loop_reference_forward_and_backward(policy, threshold,
     mask = torch.ones(37, dtype=torch.bool)
     mask[[3, 20]] = False
     decision = layer.gate(x, mask)
-    y, plan = layer.apply_experts(x, decision, trim=trim)
+    y, plan, _ = layer.apply_experts(x, decision, trim=trim)
     assert plan.trimmed == trim
     ref = reference_moe(layer, x, decision)
     assert torch.allclose(y, ref, atol=1e-5)
@@ -224,12 +224,12 @@ def test_empty_uneven_and_single_row_groups(trim):
     logits[8, 4] = 10.0  # one token: expert 4, then expert 0
     logits[8, 0] = 5.0
     decision = route(logits, "top2")
-    out, p = layer.apply_experts(x, decision, trim=trim)
+    out, p, _ = layer.apply_experts(x, decision, trim=trim)
     assert p.counts.tolist() == [1, 0, 8, 0, 1, 8]
     assert p.num_rows == 18  # every slot is used
     assert torch.allclose(out, reference_moe(layer, x, decision), atol=1e-5)
     padded = route(logits, "top2", token_mask=torch.arange(9) < 5)  # 4 tokens use no expert
-    out, p = layer.apply_experts(x, padded, trim=trim)
+    out, p, _ = layer.apply_experts(x, padded, trim=trim)
     assert p.num_rows == (10 if trim else 18)
     assert out[5:].abs().sum() == 0
     assert torch.allclose(out, reference_moe(layer, x, padded), atol=1e-5)

@@ -11,6 +11,7 @@ from torch import Tensor
 from . import dispatch
 from .experts import ExpertFFN
 from .losses import BALANCE_TOKENS, balance_loss, z_loss
+from .parallel import expert_parallel_exchange
 from .routing import COMBINE_WEIGHTS, GATING_POLICIES, THRESHOLD_PROBS, RoutingDecision, route
 
 EVAL_GATING = ("train",) + GATING_POLICIES
@@ -29,6 +30,8 @@ class MoEStats:
     experts_per_token: input shape without the feature dim; experts each token used (0 = pad)
     routing:           the layer's RoutingDecision, rows in the input's flattened token order
                        (for analysis tools: experts chosen and gate probabilities per token)
+    bytes_sent:        bytes of token rows this rank sent to other ranks (expert parallelism;
+                       0 on the local path), the way there only
     """
 
     name: str
@@ -40,6 +43,7 @@ class MoEStats:
     dropped_slots: Tensor
     experts_per_token: Tensor
     routing: RoutingDecision
+    bytes_sent: int = 0
 
     @property
     def multi_fraction(self) -> Tensor:
@@ -138,13 +142,18 @@ class MoELayer(nn.Module):
     """
 
     def __init__(self, gate: TopKGate, experts: ExpertFFN, name: str = "moe",
-                 balance_tokens: str = "single"):
+                 balance_tokens: str = "single", group=None):
         super().__init__()
         if balance_tokens not in BALANCE_TOKENS:
             raise ValueError(f"balance tokens must be one of {BALANCE_TOKENS}, got {balance_tokens!r}")
         self.gate, self.experts = gate, experts
         self.name = name
         self.balance_tokens = balance_tokens
+        # expert parallelism: chosen once here; None is the local path (no group, or one rank)
+        self.exchange = expert_parallel_exchange(group, gate.num_experts)
+        expected = gate.num_experts if self.exchange is None else self.exchange.num_local
+        if experts.num_experts != expected:
+            raise ValueError(f"{name}: {experts.num_experts} local experts, expected {expected}")
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tuple[Tensor, MoEStats]:
         lead, embed_dim = x.shape[:-1], x.shape[-1]
@@ -152,20 +161,28 @@ class MoELayer(nn.Module):
         token_mask = None if padding_mask is None else ~padding_mask.reshape(-1)
 
         decision = self.gate(tokens, token_mask)  # 1. route
-        out, plan = self.apply_experts(tokens, decision)
-        return out.view(*lead, embed_dim).to(x.dtype), self.stats(decision, plan, lead)
+        out, plan, bytes_sent = self.apply_experts(tokens, decision)
+        stats = self.stats(decision, plan, lead)
+        stats.bytes_sent = bytes_sent
+        return out.view(*lead, embed_dim).to(x.dtype), stats
 
     def apply_experts(self, tokens: Tensor, decision: RoutingDecision, trim: Optional[bool] = None):
-        """Steps 2-4 for (S, C) tokens and a given decision -> ((S, C) output, DispatchPlan).
+        """Steps 2-4 for (S, C) tokens and a given decision -> ((S, C) output, DispatchPlan,
+        bytes sent to other ranks).
 
         ``trim`` (default: on CPU) computes only the used slots' rows; otherwise every slot keeps
         a row and sizes stay static (no host sync), see :mod:`dispatch`."""
         if trim is None:
-            trim = tokens.device.type == "cpu"
+            trim = tokens.device.type == "cpu" or self.exchange is not None
         plan = dispatch.plan(decision, trim=trim)  # 2. dispatch
         rows = dispatch.permute(tokens, plan)
-        rows = self.experts(rows, plan)  # 3. compute
-        return dispatch.unpermute_combine(rows, plan, decision), plan  # 4. combine
+        bytes_sent = 0
+        if self.exchange is None:
+            rows = self.experts(rows, plan)  # 3. compute
+        else:  # 3. compute on the ranks holding the experts, all-to-all there and back
+            rows, exchanged = self.exchange(rows, plan, self.experts)
+            bytes_sent = exchanged.bytes_sent
+        return dispatch.unpermute_combine(rows, plan, decision), plan, bytes_sent  # 4. combine
 
     def stats(self, decision: RoutingDecision, plan: dispatch.DispatchPlan, lead) -> MoEStats:
         per_token = decision.experts_per_token
