@@ -1,0 +1,535 @@
+#!/usr/bin/env python
+"""Paper Table 3 / Table 5 at small scale: dense, top-1, top-2 and adaptive gating side by side.
+
+Every scheme is trained with identical fairseq-train flags except the gating:
+
+- ``dense``: ``--moe-freq 0`` (no MoE layer, same code path);
+- ``top1`` / ``top2``: ``--moe-gating top1`` / ``top2``;
+- ``adaptive``: ``--moe-gating adaptive --moe-threshold T`` (``--threshold``, default 0.1).
+
+``--sweep 0.05,0.1,0.2`` instead trains adaptive gating at each T (Table 5); schemes named with
+``--schemes`` are then trained as well. Runs go one at a time, each with the same thread count
+(``--threads``, as ``OMP_NUM_THREADS`` and ``torch.set_num_threads``), so their times compare.
+
+Per run it records:
+
+- training wall time to ``--max-update`` updates, measured in the training process around
+  ``Trainer.train_step``; the time spent in validation is left out;
+- the same clock at each validation (every ``--validate-interval-updates``), hence the time to a
+  target valid loss: the first validation at or below it (``n/a`` if none). The target is
+  ``--target-valid-loss``, by default the worst of the runs' best valid losses;
+- the best valid loss; test sacreBLEU (``score.py``, beam ``--beam``) with the training gating
+  and with ``--model-overrides "{'moe_eval_gating': 'top1'}"`` (MoE runs only);
+- the share of two-expert tokens: the last training epoch's ``train_moe_2x`` and the last
+  validation's ``valid_moe_2x``, with the per-layer values;
+- forward FLOPs per token, computed from the checkpoint's model config and the routing measured
+  in the last training epoch (see ``flops_per_token``).
+
+FLOPs per token (forward, matmuls only; one source token through the encoder plus one target
+token through the decoder; embeddings, the output projection, norms and softmaxes are left out,
+they are the same for every scheme). A linear layer costs 2 x its weights per token. With model
+dim d, FFN dim f, E experts and L the mean training sentence length in tokens (``wpb / bsz``):
+
+- self-attention (and, in decoder layers, encoder attention): ``4 * 2 * d^2`` for the q, k, v and
+  output projections, plus ``2 * 2 * L * d`` for the scores and the weighted sum;
+- dense FFN: ``2 * 2 * d * f``;
+- MoE FFN of layer l: ``ept_l * 2 * 2 * d * f + 2 * d * E``, where ``ept_l`` is the layer's
+  expert slots per token. With at most two experts (K = 2, every scheme here),
+  ``ept_l = 1 + moe_2x_l`` from the logged per-layer two-expert share (1 for top-1, 2 for
+  top-2). For K > 2 the per-layer slots are not logged; the overall ``moe_ept`` is used instead.
+
+Writes ``OUT/compare.md`` (the table, the machine and the command), ``OUT/compare.json`` and
+``OUT/compare.png`` (BLEU against training time normalised to top-2, or to the adaptive T = 0.1
+run when no top-2 run is present), and each run's logs under ``OUT/runs/NAME/``. A run whose
+``result.json`` (its completion marker) exists with the same training command is reused;
+``--force`` reruns it. Bad input (a missing data-bin, an unknown scheme, a bad T) gets one line on
+stderr and exit status 2, and nothing is written.
+
+    python examples/translation/compare.py --data-bin data-bin --out compare-out --max-update 400
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+BIN = Path(sys.executable).parent
+USER_DIR = ROOT / "fairseq_adaptive_moe"
+TIMING_ENV = "ADAPTIVE_MOE_COMPARE_TIMING"
+SCHEMES = ("dense", "top1", "top2", "adaptive")
+PAPER = [  # paper Table 3, WMT19 de-en (Li et al., EMNLP 2023)
+    {"name": "paper: top-2 (WMT19 de-en)", "bleu": "41.1", "time": "1.00x"},
+    {"name": "paper: adaptive (WMT19 de-en)", "bleu": "41.1", "time": "0.79x"},
+    {"name": "paper: top-1 (WMT19 de-en)", "bleu": "lower than top-2", "time": "-"},
+]
+
+
+class BadInput(Exception):
+    pass
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-bin", type=Path, required=True,
+                   help="a data-bin made by prepare.py (with raw/test.en)")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--schemes", default=None,
+                   help="comma-separated subset of dense,top1,top2,adaptive "
+                        "(default: all four; with --sweep: none besides the sweep)")
+    p.add_argument("--threshold", default="0.1", help="adaptive threshold T (0.1)")
+    p.add_argument("--sweep", default=None,
+                   help="comma-separated thresholds: train adaptive gating at each (Table 5)")
+    p.add_argument("--arch", default="adaptive_moe_transformer_tiny")
+    p.add_argument("--max-update", type=int, default=400)
+    p.add_argument("--max-tokens", type=int, default=4096)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup-updates", type=int, default=None,
+                   help="inverse_sqrt warmup (default: min(400, max-update // 2))")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--validate-interval-updates", type=int, default=100)
+    p.add_argument("--target-valid-loss", type=float, default=None,
+                   help="default: the worst of the runs' best valid losses")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads per run (2)")
+    p.add_argument("--beam", type=int, default=5, help="beam for the test BLEU (5)")
+    p.add_argument("--max-len-b", type=int, default=200, help="fairseq-generate --max-len-b (200)")
+    p.add_argument("--extra", default="", help="more fairseq-train flags, the same for every run")
+    p.add_argument("--force", action="store_true", help="rerun runs that are already complete")
+    return p.parse_args(argv)
+
+
+def parse_threshold(text):
+    try:
+        t = float(text)
+    except ValueError:
+        raise BadInput(f"bad threshold {text!r}: not a number")
+    if not math.isfinite(t) or t < 0:
+        raise BadInput(f"bad threshold {text!r}: must be a finite number >= 0")
+    return t
+
+
+def plan_runs(args):
+    """[(name, scheme, T or None)] in run order; raises BadInput."""
+    if not (args.data_bin / "dict.en.txt").is_file() and not any(args.data_bin.glob("dict.*.txt")):
+        raise BadInput(f"no data-bin at {args.data_bin} (run prepare.py first)")
+    if not (args.data_bin / "raw" / "test.en").is_file():
+        raise BadInput(f"{args.data_bin / 'raw' / 'test.en'} is missing (make the data-bin with "
+                       "prepare.py)")
+    for flag in ("max_update", "max_tokens", "validate_interval_updates", "threads", "beam"):
+        if getattr(args, flag) < 1:
+            raise BadInput(f"--{flag.replace('_', '-')} must be >= 1")
+    threshold = parse_threshold(args.threshold)
+    default = "" if args.sweep is not None else ",".join(SCHEMES)
+    schemes = [s.strip() for s in (args.schemes if args.schemes is not None else default).split(",")
+               if s.strip()]
+    for s in schemes:
+        if s not in SCHEMES:
+            raise BadInput(f"unknown scheme {s!r} (choose from {', '.join(SCHEMES)})")
+    runs = [(s, s, threshold if s == "adaptive" else None) for s in dict.fromkeys(schemes)]
+    if args.sweep is not None:
+        ts = [parse_threshold(x.strip()) for x in args.sweep.split(",") if x.strip()]
+        if not ts:
+            raise BadInput("--sweep needs at least one threshold")
+        runs = [r for r in runs if r[0] != "adaptive"]
+        runs += [(f"adaptive-T{t:g}", "adaptive", t) for t in dict.fromkeys(ts)]
+    if not runs:
+        raise BadInput("nothing to run")
+    return runs
+
+
+def train_flags(args, scheme, threshold, save_dir):
+    warmup = args.warmup_updates if args.warmup_updates is not None else \
+        max(1, min(400, args.max_update // 2))
+    flags = [
+        str(args.data_bin), "--user-dir", str(USER_DIR), "--task", "translation",
+        "--arch", args.arch, "--share-all-embeddings",
+        "--criterion", "adaptive_moe_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+        "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(args.lr),
+        "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(warmup),
+        "--dropout", "0.1", "--weight-decay", "0.0001",
+        "--max-tokens", str(args.max_tokens), "--max-update", str(args.max_update),
+        "--validate-interval-updates", str(args.validate_interval_updates),
+        "--validate-interval", "1000000", "--save-interval", "1000000",
+        "--no-epoch-checkpoints", "--cpu", "--seed", str(args.seed),
+        "--save-dir", str(save_dir), "--log-format", "json", "--log-interval", "10",
+        "--no-progress-bar",
+    ]
+    if scheme == "dense":
+        flags += ["--moe-freq", "0"]
+    else:
+        flags += ["--moe-gating", scheme]
+        if scheme == "adaptive":
+            flags += ["--moe-threshold", f"{threshold:g}"]
+    return flags + shlex.split(args.extra)
+
+
+def child_main(argv):
+    """fairseq-train in this process; times every update and every validation."""
+    import torch
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    import fairseq_cli.train as fairseq_train  # first: it sets up fairseq's log format
+    import fairseq.trainer
+
+    out = open(os.environ[TIMING_ENV], "w", buffering=1)
+    clock = {"start": None, "valid": 0.0}
+    step = fairseq.trainer.Trainer.train_step
+
+    def timed_step(self, samples, raise_oom=False):
+        begin = time.perf_counter()
+        if clock["start"] is None:
+            clock["start"] = begin
+        result = step(self, samples, raise_oom)
+        end = time.perf_counter()
+        out.write(json.dumps({"update": self.get_num_updates(),
+                              "train_wall_s": end - clock["start"] - clock["valid"]}) + "\n")
+        return result
+
+    validate = fairseq_train.validate
+
+    def timed_validate(cfg, trainer, *rest, **kwargs):
+        begin = time.perf_counter()
+        losses = validate(cfg, trainer, *rest, **kwargs)
+        wall = begin - clock["start"] - clock["valid"] if clock["start"] is not None else 0.0
+        out.write(json.dumps({"update": trainer.get_num_updates(), "valid_loss": losses[0],
+                              "train_wall_s": wall}) + "\n")
+        clock["valid"] += time.perf_counter() - begin
+        return losses
+
+    fairseq.trainer.Trainer.train_step = timed_step
+    fairseq_train.validate = timed_validate
+    sys.argv = ["fairseq-train"] + argv
+    fairseq_train.cli_main()
+
+
+def env_for(args, **extra):
+    threads = str(args.threads)
+    return dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=threads,
+                MKL_NUM_THREADS=threads, **extra)
+
+
+def check_call(cmd, log, env):
+    with open(log, "w") as f:
+        proc = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT,
+                              env=env, text=True)
+    if proc.returncode != 0:
+        tail = Path(log).read_text(errors="replace").strip().splitlines()[-1:] or [""]
+        raise RuntimeError(f"{Path(cmd[0]).name} failed ({proc.returncode}), see {log}: {tail[0]}")
+
+
+def records(log, tag):
+    out = []
+    for line in Path(log).read_text(errors="replace").splitlines():
+        if f"| {tag} | " in line:
+            try:
+                out.append(json.loads(line.split(f"| {tag} | ", 1)[1]))
+            except ValueError:
+                pass
+    return out
+
+
+def layer_shares(rec, prefix):
+    """{'enc0': share, ...} from a json record's ``{prefix}_moe_2x_<layer>`` keys."""
+    key = f"{prefix}_moe_2x_"
+    return {k[len(key):]: float(v) for k, v in rec.items() if k.startswith(key)}
+
+
+def model_config(ckpt):
+    """The dimensions that the FLOPs formula needs, from the checkpoint's saved config."""
+    import fairseq_adaptive_moe  # noqa: F401  (lets torch.load read fairseq checkpoints)
+    from fairseq import checkpoint_utils
+
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(ckpt))
+    cfg = state["cfg"]["model"] if state.get("cfg") is not None else state["args"]
+    get = (lambda k, d=None: getattr(cfg, k, d)) if not isinstance(cfg, dict) else cfg.get
+    return {
+        "encoder_layers": int(get("encoder_layers")), "decoder_layers": int(get("decoder_layers")),
+        "encoder_embed_dim": int(get("encoder_embed_dim")),
+        "decoder_embed_dim": int(get("decoder_embed_dim")),
+        "encoder_ffn_embed_dim": int(get("encoder_ffn_embed_dim")),
+        "decoder_ffn_embed_dim": int(get("decoder_ffn_embed_dim")),
+        "moe_freq": int(get("moe_freq", 0) or 0), "moe_expert_count": int(get("moe_expert_count", 0)),
+        "moe_max_experts": int(get("moe_max_experts", 2) or 2),
+        "moe_gating": get("moe_gating"), "moe_threshold": get("moe_threshold"),
+    }
+
+
+def is_moe_layer(index, freq):
+    return freq > 0 and (index + 1) % freq == 0  # as fairseq_adaptive_moe.models.layers
+
+
+def flops_per_token(cfg, shares, ctx_len, ept=None):
+    """Forward matmul FLOPs per (source + target) token; see the module docstring.
+
+    ``shares``: per-layer two-expert share, keys ``enc<i>`` / ``dec<i>``; ``ept``: the overall
+    expert slots per token, used only when K > 2. Returns (total, {layer: flops}).
+    """
+    per_layer = {}
+    E = cfg["moe_expert_count"]
+    for side, n_attn in (("encoder", 1), ("decoder", 2)):
+        d, f = cfg[f"{side}_embed_dim"], cfg[f"{side}_ffn_embed_dim"]
+        for i in range(cfg[f"{side}_layers"]):
+            name = f"{side[:3]}{i}"
+            attn = n_attn * (4 * 2 * d * d + 2 * 2 * ctx_len * d)
+            if is_moe_layer(i, cfg["moe_freq"]):
+                if cfg["moe_max_experts"] <= 2 or ept is None:
+                    slots = 1.0 + shares.get(name, 0.0)
+                else:
+                    slots = ept
+                ffn = slots * 2 * 2 * d * f + 2 * d * E
+            else:
+                ffn = 2 * 2 * d * f
+            per_layer[name] = attn + ffn
+    return sum(per_layer.values()), per_layer
+
+
+def generate_child(spec_path):
+    """Run fairseq-generate in this process for each (output file, args) of a JSON spec: one
+    Python start-up for both evaluations of a run."""
+    import contextlib
+    import logging
+
+    import torch
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    from fairseq import options
+    from fairseq_cli import generate
+
+    for out_path, argv in json.loads(Path(spec_path).read_text()):
+        parser = options.get_generation_parser()
+        gen_args = options.parse_args_and_arch(parser, input_args=argv)
+        with open(out_path, "w") as out, contextlib.redirect_stdout(out):
+            for handler in list(logging.root.handlers):  # fairseq logs to its output file
+                logging.root.removeHandler(handler)
+            generate.main(gen_args)
+            for handler in list(logging.root.handlers):
+                logging.root.removeHandler(handler)
+
+
+def score(args, gen):
+    scorer = subprocess.run([sys.executable, HERE / "score.py", gen,
+                             args.data_bin / "raw" / "test.en", "--json"],
+                            capture_output=True, text=True, env=env_for(args))
+    if scorer.returncode != 0:
+        raise RuntimeError(f"score.py failed: {scorer.stderr.strip()}")
+    return json.loads(scorer.stdout)["bleu"]
+
+
+def bleu(args, run_dir, moe):
+    """Test BLEU with the training gating and, for MoE runs, with top-1 gating."""
+    base = [str(args.data_bin), "--user-dir", str(USER_DIR),
+            "--path", str(run_dir / "checkpoint_last.pt"), "--gen-subset", "test", "--cpu",
+            "--beam", str(args.beam), "--max-len-b", str(args.max_len_b), "--max-tokens", "8000",
+            "--post-process", "sentencepiece"]
+    evals = {"train": base}
+    if moe:
+        evals["top1"] = base + ["--model-overrides", "{'moe_eval_gating': 'top1'}"]
+    spec = [(str(run_dir / f"gen-{name}.txt"), argv) for name, argv in evals.items()]
+    (run_dir / "generate.json").write_text(json.dumps(spec))
+    check_call([sys.executable, Path(__file__).resolve(), "--generate", run_dir / "generate.json"],
+               run_dir / "generate.log", env_for(args))
+    return {name: score(args, run_dir / f"gen-{name}.txt") for name in evals}
+
+
+def run_one(args, name, scheme, threshold):
+    run_dir = args.out / "runs" / name
+    marker = run_dir / "result.json"
+    flags = train_flags(args, scheme, threshold, run_dir)
+    command = shlex.join(["fairseq-train"] + flags)
+    if marker.is_file() and not args.force:
+        prev = json.loads(marker.read_text())
+        if prev.get("command") == command and prev.get("beam") == args.beam \
+                and prev.get("max_len_b") == args.max_len_b and prev.get("threads") == args.threads:
+            print(f"[{name}] complete, reused ({marker})", flush=True)
+            return prev
+        print(f"[{name}] settings changed: rerunning", flush=True)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    print(f"[{name}] + {command}", flush=True)
+    timing = run_dir / "timing.jsonl"
+    begin = time.perf_counter()
+    check_call([sys.executable, Path(__file__).resolve(), "--child", *flags], run_dir / "train.log",
+               env_for(args, **{TIMING_ENV: str(timing)}))
+    process_wall = time.perf_counter() - begin
+    events = [json.loads(x) for x in timing.read_text().splitlines() if x.strip()]
+    steps = [e for e in events if "valid_loss" not in e]
+    valids = [e for e in events if "valid_loss" in e]
+    train = records(run_dir / "train.log", "train")
+    valid = records(run_dir / "train.log", "valid")
+    if not steps or not train or not valid:
+        raise RuntimeError(f"no training or validation records in {run_dir / 'train.log'}")
+    last_train, last_valid = train[-1], valid[-1]
+    cfg = model_config(run_dir / "checkpoint_last.pt")
+    train_shares = layer_shares(last_train, "train")
+    ctx_len = float(last_train["train_wpb"]) / float(last_train["train_bsz"])
+    ept = float(last_train["train_moe_ept"]) if "train_moe_ept" in last_train else None
+    total, per_layer = flops_per_token(cfg, train_shares, ctx_len, ept)
+    print(f"[{name}] trained in {steps[-1]['train_wall_s']:.1f} s; generating", flush=True)
+    scores = bleu(args, run_dir, moe=scheme != "dense")
+    result = {
+        "name": name, "scheme": scheme, "threshold": threshold, "command": command,
+        "beam": args.beam, "max_len_b": args.max_len_b, "threads": args.threads,
+        "updates": steps[-1]["update"], "epochs": int(last_train.get("epoch", 0)),
+        "train_wall_s": steps[-1]["train_wall_s"], "process_wall_s": process_wall,
+        "fairseq_train_wall_s": float(last_train["train_train_wall"])
+        if "train_train_wall" in last_train else None,
+        "valid": [{"update": v["update"], "loss": v["valid_loss"],
+                   "train_wall_s": v["train_wall_s"]} for v in valids],
+        "best_valid_loss": min(v["valid_loss"] for v in valids),
+        "bleu": scores["train"], "bleu_top1": scores.get("top1"),
+        "train_moe_2x": float(last_train["train_moe_2x"]) if "train_moe_2x" in last_train else None,
+        "valid_moe_2x": float(last_valid["valid_moe_2x"]) if "valid_moe_2x" in last_valid else None,
+        "train_moe_ept": ept,
+        "train_moe_2x_layers": train_shares,
+        "valid_moe_2x_layers": layer_shares(last_valid, "valid"),
+        "model": cfg, "ctx_len": ctx_len,
+        "flops_per_token": total, "flops_per_layer": per_layer,
+    }
+    marker.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import torch
+        tv = torch.__version__
+    except ImportError:
+        tv = "?"
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, " \
+           f"Python {platform.python_version()}, torch {tv}"
+
+
+def fmt(v, spec, none="-"):
+    return none if v is None else format(v, spec)
+
+
+def render(args, results, target, ref_name, argv):
+    ref = next(r for r in results if r["name"] == ref_name)
+    lines = [
+        f"# Gating schemes compared ({args.arch}, {args.max_update} updates)", "",
+        f"Command: `python examples/translation/compare.py {shlex.join(argv)}`", "",
+        f"Machine: {machine()}; {args.threads} threads per run, runs one at a time.", "",
+        f"Times are training wall clock (validation excluded), normalised to `{ref_name}`. "
+        f"Target valid loss: {target:.3f}. BLEU: sacreBLEU on "
+        f"`{args.data_bin / 'raw' / 'test.en'}`, beam {args.beam}. FLOPs: forward matmul FLOPs "
+        "per source + target token from the config and the measured routing (last training "
+        "epoch); see compare.py's docstring.", "",
+        "| run | T | time to N updates (s) | norm. | time to target (s, @update) | norm. | "
+        "best valid loss | BLEU | BLEU top-1 eval | 2x share train / valid | MFLOPs/token | "
+        "FLOPs vs ref |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        tt = r["to_target"]
+        tt_s = "n/a" if tt is None else f"{tt['train_wall_s']:.1f} (@{tt['update']})"
+        tt_n = "n/a" if tt is None or ref["to_target"] is None else \
+            f"{tt['train_wall_s'] / ref['to_target']['train_wall_s']:.2f}x"
+        share = f"{fmt(r['train_moe_2x'], '.3f')} / {fmt(r['valid_moe_2x'], '.3f')}"
+        lines.append(
+            f"| {r['name']} | {fmt(r['threshold'], 'g')} | {r['train_wall_s']:.1f} | "
+            f"{r['train_wall_s'] / ref['train_wall_s']:.2f}x | {tt_s} | {tt_n} | "
+            f"{r['best_valid_loss']:.3f} | {r['bleu']:.2f} | {fmt(r['bleu_top1'], '.2f')} | "
+            f"{share} | {r['flops_per_token'] / 1e6:.3f} | "
+            f"{r['flops_per_token'] / ref['flops_per_token']:.2f}x |")
+    for p in PAPER:
+        lines.append(f"| {p['name']} | | | {p['time']} | | | | {p['bleu']} | | | | |")
+    lines += ["", "Per-layer two-expert share (last training epoch):", "",
+              "| run | " + " | ".join(sorted({k for r in results for k in r["train_moe_2x_layers"]}))
+              + " |"]
+    keys = sorted({k for r in results for k in r["train_moe_2x_layers"]})
+    lines.append("|---|" + "---|" * len(keys))
+    for r in results:
+        lines.append(f"| {r['name']} | " + " | ".join(
+            fmt(r["train_moe_2x_layers"].get(k), ".3f") for k in keys) + " |")
+    lines += ["", "![BLEU vs normalised training time](compare.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(results, ref_name, path):
+    import logging
+
+    import matplotlib
+    matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq's import logs at DEBUG
+    import matplotlib.pyplot as plt
+
+    ref = next(r for r in results if r["name"] == ref_name)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        x = r["train_wall_s"] / ref["train_wall_s"]
+        ax.scatter([x], [r["bleu"]], s=40)
+        ax.annotate(r["name"], (x, r["bleu"]), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8)
+        if r["bleu_top1"] is not None:
+            ax.scatter([x], [r["bleu_top1"]], s=40, facecolors="none", edgecolors="gray")
+    ax.set_xlabel(f"training time to N updates / {ref_name}")
+    ax.set_ylabel("test BLEU")
+    ax.set_title("filled: training gating, hollow: top-1 gating at test", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    try:
+        runs = plan_runs(args)
+    except BadInput as e:
+        print(f"compare.py: {e}", file=sys.stderr)
+        return 2
+    args.data_bin = args.data_bin.resolve()
+    args.out = args.out.resolve()
+    (args.out / "runs").mkdir(parents=True, exist_ok=True)
+    results = []
+    try:
+        for name, scheme, threshold in runs:
+            results.append(run_one(args, name, scheme, threshold))
+    except RuntimeError as e:
+        print(f"compare.py: {e}", file=sys.stderr)
+        return 1
+
+    target = args.target_valid_loss
+    if target is None:
+        target = max(r["best_valid_loss"] for r in results)
+    for r in results:
+        first = next((v for v in r["valid"] if v["loss"] <= target), None)
+        r["to_target"] = first
+    names = [r["name"] for r in results]
+    ref_name = "top2" if "top2" in names else \
+        next((r["name"] for r in results if r["scheme"] == "adaptive" and r["threshold"] == 0.1),
+             names[0])
+    report = render(args, results, target, ref_name, argv)
+    (args.out / "compare.md").write_text(report)
+    (args.out / "compare.json").write_text(json.dumps({
+        "args": {k: str(v) for k, v in vars(args).items()}, "argv": argv,
+        "machine": machine(), "target_valid_loss": target, "reference": ref_name,
+        "paper_table3_wmt19_de_en": PAPER, "runs": results}, indent=1))
+    plot(results, ref_name, args.out / "compare.png")
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child_main(sys.argv[2:])
+    elif len(sys.argv) == 3 and sys.argv[1] == "--generate":
+        generate_child(sys.argv[2])
+    else:
+        sys.exit(main())

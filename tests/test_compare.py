@@ -1,0 +1,105 @@
+"""examples/translation/compare.py: paper Table 3 / 5 at small scale, end to end on a tiny slice."""
+
+import json
+
+import pytest
+
+from conftest import load_script
+
+compare = load_script("examples/translation/compare.py")
+
+
+@pytest.fixture(scope="module")
+def compared(m30k_bin, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare") / "out"
+    rc = compare.main(["--data-bin", str(m30k_bin), "--out", str(out),
+                       "--schemes", "dense,top2,adaptive", "--max-update", "6",
+                       "--validate-interval-updates", "3", "--max-tokens", "1500",
+                       "--beam", "1", "--max-len-b", "8", "--threads", "1"])
+    assert rc == 0
+    return out, json.loads((out / "compare.json").read_text())
+
+
+def test_runs_recorded(compared):
+    out, report = compared
+    runs = {r["name"]: r for r in report["runs"]}
+    assert list(runs) == ["dense", "top2", "adaptive"]
+    assert report["reference"] == "top2"
+    for name, r in runs.items():
+        assert r["updates"] == 6
+        assert r["train_wall_s"] > 0
+        assert [v["update"] for v in r["valid"]][:2] == [3, 6]
+        assert all(v["train_wall_s"] > 0 for v in r["valid"])
+        assert isinstance(r["bleu"], float) and r["bleu"] >= 0
+        assert r["best_valid_loss"] == min(v["loss"] for v in r["valid"])
+        assert (out / "runs" / name / "result.json").is_file()
+        assert (out / "runs" / name / "train.log").is_file()
+    assert runs["dense"]["bleu_top1"] is None
+    assert isinstance(runs["adaptive"]["bleu_top1"], float)
+    assert runs["top2"]["train_moe_2x"] == 1.0
+    assert 0.0 <= runs["adaptive"]["train_moe_2x"] <= 1.0
+    # the default target is the worst best valid loss, so every run reaches it
+    assert report["target_valid_loss"] == max(r["best_valid_loss"] for r in runs.values())
+    assert all(r["to_target"] is not None for r in runs.values())
+    assert (out / "compare.png").stat().st_size > 1000
+    md = (out / "compare.md").read_text()
+    assert "paper: adaptive" in md and "0.79x" in md and "| adaptive |" in md
+
+
+def test_flops_follow_the_formula(compared):
+    _, report = compared
+    runs = {r["name"]: r for r in report["runs"]}
+    dense, top2, adaptive = runs["dense"], runs["top2"], runs["adaptive"]
+    assert dense["flops_per_token"] < adaptive["flops_per_token"] <= top2["flops_per_token"]
+
+    cfg = adaptive["model"]
+    d, f, E, L = cfg["encoder_embed_dim"], cfg["encoder_ffn_embed_dim"], cfg["moe_expert_count"], \
+        adaptive["ctx_len"]
+    assert (cfg["encoder_layers"], cfg["decoder_layers"], d, f, E) == (2, 2, 64, 128, 4)
+    shares = adaptive["train_moe_2x_layers"]
+    assert sorted(shares) == ["dec0", "dec1", "enc0", "enc1"]
+    expected = 0.0
+    for layer, share in shares.items():
+        attn = (1 if layer.startswith("enc") else 2) * (8 * d * d + 4 * L * d)
+        expected += attn + (1 + share) * 4 * d * f + 2 * d * E
+    assert adaptive["flops_per_token"] == pytest.approx(expected, rel=1e-9)
+    # top2: two slots everywhere; dense: one FFN, no gate; same ctx length -> same attention cost
+    attn_total = lambda r: sum((1 if k.startswith("enc") else 2) * (8 * d * d + 4 * r["ctx_len"] * d)
+                               for k in ("enc0", "enc1", "dec0", "dec1"))
+    assert top2["flops_per_token"] == pytest.approx(attn_total(top2) + 4 * (8 * d * f + 2 * d * E))
+    assert dense["flops_per_token"] == pytest.approx(attn_total(dense) + 4 * (4 * d * f))
+    assert dense["train_moe_2x_layers"] == {}
+
+
+def test_complete_runs_are_reused(compared, capsys):
+    out, report = compared
+    before = (out / "runs" / "top2" / "result.json").read_text()
+    rc = compare.main(["--data-bin", report["args"]["data_bin"], "--out", str(out),
+                       "--schemes", "top2", "--max-update", "6",
+                       "--validate-interval-updates", "3", "--max-tokens", "1500",
+                       "--beam", "1", "--max-len-b", "8", "--threads", "1"])
+    assert rc == 0
+    assert "reused" in capsys.readouterr().out
+    assert (out / "runs" / "top2" / "result.json").read_text() == before
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--schemes", "top3"], "unknown scheme"),
+    (["--threshold", "-0.1"], "bad threshold"),
+    (["--threshold", "abc"], "bad threshold"),
+    (["--sweep", "0.1,x"], "bad threshold"),
+])
+def test_bad_input(m30k_bin, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    assert compare.main(["--data-bin", str(m30k_bin), "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_missing_data_bin(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert compare.main(["--data-bin", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no data-bin" in err and len(err.splitlines()) == 1
+    assert not out.exists()
