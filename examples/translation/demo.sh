@@ -19,7 +19,7 @@ MAX_UPDATE=${MAX_UPDATE:-1200}
 GATING=${GATING:-adaptive}
 THRESHOLD=${THRESHOLD:-0.1}
 
-mkdir -p "$out"
+
 "$py" "$here/prepare.py" --data "$data" --out "$out/data-bin" --vocab-size 8000
 
 ckpt="$out/checkpoints-$GATING"
