@@ -64,7 +64,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 BIN = Path(sys.executable).parent
 USER_DIR = ROOT / "fairseq_adaptive_moe"
-TIMING_ENV = "ADAPTIVE_MOE_COMPARE_TIMING"
+TIMED_TRAIN = Path(__file__).resolve().with_name("timed_train.py")
 SCHEMES = ("dense", "top1", "top2", "adaptive")
 PAPER = [  # paper Table 3, WMT19 de-en (Li et al., EMNLP 2023)
     {"name": "paper: top-2 (WMT19 de-en)", "bleu": "41.1", "time": "1.00x"},
@@ -171,48 +171,10 @@ def train_flags(args, scheme, threshold, save_dir):
     return flags + shlex.split(args.extra)
 
 
-def child_main(argv):
-    """fairseq-train in this process; times every update and every validation."""
-    import torch
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    import fairseq_cli.train as fairseq_train  # first: it sets up fairseq's log format
-    import fairseq.trainer
-
-    out = open(os.environ[TIMING_ENV], "w", buffering=1)
-    clock = {"start": None, "valid": 0.0}
-    step = fairseq.trainer.Trainer.train_step
-
-    def timed_step(self, samples, raise_oom=False):
-        begin = time.perf_counter()
-        if clock["start"] is None:
-            clock["start"] = begin
-        result = step(self, samples, raise_oom)
-        end = time.perf_counter()
-        out.write(json.dumps({"update": self.get_num_updates(),
-                              "train_wall_s": end - clock["start"] - clock["valid"]}) + "\n")
-        return result
-
-    validate = fairseq_train.validate
-
-    def timed_validate(cfg, trainer, *rest, **kwargs):
-        begin = time.perf_counter()
-        losses = validate(cfg, trainer, *rest, **kwargs)
-        wall = begin - clock["start"] - clock["valid"] if clock["start"] is not None else 0.0
-        out.write(json.dumps({"update": trainer.get_num_updates(), "valid_loss": losses[0],
-                              "train_wall_s": wall}) + "\n")
-        clock["valid"] += time.perf_counter() - begin
-        return losses
-
-    fairseq.trainer.Trainer.train_step = timed_step
-    fairseq_train.validate = timed_validate
-    sys.argv = ["fairseq-train"] + argv
-    fairseq_train.cli_main()
-
-
-def env_for(args, **extra):
+def env_for(args):
     threads = str(args.threads)
     return dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=threads,
-                MKL_NUM_THREADS=threads, **extra)
+                MKL_NUM_THREADS=threads)
 
 
 def check_call(cmd, log, env):
@@ -355,8 +317,8 @@ def run_one(args, name, scheme, threshold):
     print(f"[{name}] + {command}", flush=True)
     timing = run_dir / "timing.jsonl"
     begin = time.perf_counter()
-    check_call([sys.executable, Path(__file__).resolve(), "--child", *flags], run_dir / "train.log",
-               env_for(args, **{TIMING_ENV: str(timing)}))
+    check_call([sys.executable, TIMED_TRAIN, timing, *flags], run_dir / "train.log",
+               env_for(args))
     process_wall = time.perf_counter() - begin
     events = [json.loads(x) for x in timing.read_text().splitlines() if x.strip()]
     steps = [e for e in events if "valid_loss" not in e]
@@ -527,9 +489,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child_main(sys.argv[2:])
-    elif len(sys.argv) == 3 and sys.argv[1] == "--generate":
+    if len(sys.argv) == 3 and sys.argv[1] == "--generate":
         generate_child(sys.argv[2])
     else:
         sys.exit(main())

@@ -31,13 +31,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 BIN = Path(sys.executable).parent
-TIMING_ENV = "CURRICULUM_TABLE6_TIMING"
+TIMED_TRAIN = Path(__file__).resolve().with_name("timed_train.py")
 SPREAD = re.compile(r"epoch (\d+) \|.*\| (\d+) batches \| batch 2x share min ([\d.]+) median "
                     r"([\d.]+) max ([\d.]+) \| within-batch std ([\d.]+)")
 
@@ -80,45 +79,6 @@ def train_flags(args, data_bin, save_dir):
         "--cpu", "--seed", str(args.seed), "--save-dir", str(save_dir),
         "--log-format", "json", "--log-interval", "1", "--no-progress-bar",
     ] + args.extra.split()
-
-
-def child_main(argv):
-    """Run fairseq-train in this process, timing every update and every validation."""
-    import fairseq_cli.train as fairseq_train  # first: it sets up fairseq's log format
-    import fairseq.trainer
-
-    out = open(os.environ[TIMING_ENV], "w", buffering=1)
-    clock = {"start": None, "valid": 0.0}
-
-    def train_wall(now):
-        return now - clock["start"] - clock["valid"]
-
-    step = fairseq.trainer.Trainer.train_step
-
-    def timed_step(self, samples, raise_oom=False):
-        begin = time.perf_counter()
-        if clock["start"] is None:
-            clock["start"] = begin
-        result = step(self, samples, raise_oom)
-        end = time.perf_counter()
-        out.write(json.dumps({"update": self.get_num_updates(), "step_s": end - begin,
-                              "train_wall_s": train_wall(end)}) + "\n")
-        return result
-
-    validate = fairseq_train.validate
-
-    def timed_validate(cfg, trainer, *rest, **kwargs):
-        begin = time.perf_counter()
-        losses = validate(cfg, trainer, *rest, **kwargs)
-        out.write(json.dumps({"update": trainer.get_num_updates(), "valid_loss": losses[0],
-                              "train_wall_s": train_wall(begin)}) + "\n")
-        clock["valid"] += time.perf_counter() - begin
-        return losses
-
-    fairseq.trainer.Trainer.train_step = timed_step
-    fairseq_train.validate = timed_validate
-    sys.argv = ["fairseq-train"] + argv
-    fairseq_train.cli_main()
 
 
 def run(cmd, log=None):
@@ -220,11 +180,10 @@ def main(argv=None):
         if dirs[name].exists():
             shutil.rmtree(dirs[name])
         dirs[name].mkdir(parents=True)
-        env = dict(os.environ, PYTHONWARNINGS="ignore",
-                   **{TIMING_ENV: str(dirs[name] / "timing.jsonl")})
+        env = dict(os.environ, PYTHONWARNINGS="ignore")
         env["OMP_NUM_THREADS"] = "2" if args.sequential else "1"
-        cmd = [sys.executable, __file__, "--child", *train_flags(args, data_bin, dirs[name]),
-               *flags]
+        cmd = [sys.executable, TIMED_TRAIN, dirs[name] / "timing.jsonl",
+               *train_flags(args, data_bin, dirs[name]), *flags]
         children[name] = start(cmd, dirs[name] / "train.log", env)
         if args.sequential:
             wait(children[name], dirs[name] / "train.log")
@@ -287,7 +246,4 @@ def render(args, results, target):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child_main(sys.argv[2:])
-    else:
-        sys.exit(main())
+    sys.exit(main())
