@@ -168,10 +168,18 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 # --------------------------------------------------------------------------- #
 
 
+DOWNLOAD_ERRORS = (OSError, EOFError)  # urllib.error.URLError and socket timeouts are OSErrors
+
+
+def download_error(url: str, error: BaseException, hint: str) -> InputError:
+    """The one-line error for a URL that could not be fetched (also used by download_wmt19.py)."""
+    reason = getattr(error, "reason", None) or error
+    return InputError(f"cannot download {url} ({reason}); offline? {hint}")
+
+
 def download_multi30k(dest: Path, langs: Sequence[str], timeout: float = 20.0) -> None:
     """Fetch Multi30k task-1 raw files into ``dest/{split}.{lang}``; InputError when offline."""
     import gzip
-    import urllib.error
     import urllib.request
 
     dest.mkdir(parents=True, exist_ok=True)
@@ -184,10 +192,9 @@ def download_multi30k(dest: Path, langs: Sequence[str], timeout: float = 20.0) -
             try:
                 with urllib.request.urlopen(url, timeout=timeout) as response:
                     text = gzip.decompress(response.read())
-            except (OSError, urllib.error.URLError, EOFError) as e:
-                reason = getattr(e, "reason", None) or e
-                raise InputError(f"cannot download {url} ({reason}); offline? give --data PATH "
-                                 f"with {{train,valid,test}}.{{{','.join(langs)}}} instead") from None
+            except DOWNLOAD_ERRORS as e:
+                raise download_error(url, e, f"give --data PATH with "
+                                     f"{{train,valid,test}}.{{{','.join(langs)}}} instead") from None
             part = target.with_name(target.name + ".part")
             part.write_bytes(text)
             os.replace(part, target)
