@@ -30,7 +30,7 @@ def run(script, *args, **env):
 
 @pytest.fixture(scope="module")
 def wmt_bin(tmp_path_factory):
-    """The first 300 WMT news pairs for training, 21 lines (not a multiple of 8) of newstest2018 / newstest2019."""
+    """300 WMT news pairs for training; 21 lines (not a multiple of 8) of newstest2018/2019."""
     prepare = load_script("examples/translation/prepare.py")
     out = tmp_path_factory.mktemp("wmt19") / "data-bin"
     assert prepare.main(["--data", str(shared_data("wmt19-deen-news")), "--out", str(out),

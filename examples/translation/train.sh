@@ -14,8 +14,9 @@
 #
 # Every preset value can be overridden by an environment variable: ARCH, MAX_TOKENS, UPDATE_FREQ,
 # MAX_UPDATE, LR, WARMUP, DROPOUT, CLIP_NORM, BALANCE (--moe-balance-loss-weight), THRESHOLD,
-# SEED, LOG_INTERVAL, CPU (1: --cpu), FP16 (1: --fp16), LAUNCH (a launcher put before
-# fairseq-train, e.g. LAUNCH="torchrun --nproc_per_node 8"). Flags after SAVE_DIR go to
+# SEED, LOG_INTERVAL, CPU (1: --cpu), FP16 (1: --fp16), DRY_RUN (1: print the command, run
+# nothing), LAUNCH (a launcher put before fairseq-train, e.g. LAUNCH="torchrun --nproc_per_node
+# 8"). Flags after SAVE_DIR go to
 # fairseq-train unchanged, after the preset's, so they win (e.g. --ddp-backend, --arch,
 # --moe-expert-parallel-size P).
 #
@@ -86,6 +87,7 @@ cmd=("${launcher[@]}" "$trainer" "$data" --user-dir "$root/fairseq_adaptive_moe"
   "${device[@]}" "${gating[@]}" "$@")
 printf -v command '%q ' "${cmd[@]}"
 command=${command% }
+if [ "${DRY_RUN:-0}" = 1 ]; then echo "$command"; exit 0; fi
 
 if [ -e "$save/train-finished" ] && [ "$force" = 0 ]; then
   die "$save holds a finished run (train-finished); pass --force to retrain it from scratch"
