@@ -1,9 +1,12 @@
-"""``adaptive-moe-upcycle``: a dense fairseq transformer checkpoint -> an adaptive MoE checkpoint.
+"""``adaptive-moe-upcycle``: a dense fairseq transformer or BART checkpoint -> an adaptive MoE one.
 
 Sparse upcycling (Komatsuzaki et al., 2022): every ``--moe-freq``-th encoder and decoder layer
 gets ``--moe-expert-count`` experts, each a copy of that layer's dense FFN (``ExpertFFN.load_dense``).
 All other weights are copied unchanged. The output is an ``adaptive_moe_transformer`` checkpoint
-with the dense model's dimensions.
+(from a ``transformer``) or an ``adaptive_moe_bart`` one (from a ``bart``: architecture
+``adaptive_moe_bart_base`` / ``_large`` for ``bart_base`` / ``bart_large``, else
+``adaptive_moe_bart``), with the dense model's dimensions; a BART's classification heads come
+along.
 
 Choices, and why:
 
@@ -24,9 +27,10 @@ Choices, and why:
   flags that rebuild exactly this architecture.
 
 Input: fairseq's ``transformer`` model (any of its architectures, e.g. ``transformer``,
-``transformer_wmt_en_de_big``, ``transformer_wmt19_de_en``, ``transformer_tiny``) or an
-``adaptive_moe_transformer`` trained with ``--moe-freq 0``. BART is refused with a clear message:
-this plugin has no MoE BART model yet.
+``transformer_wmt_en_de_big``, ``transformer_wmt19_de_en``, ``transformer_tiny``), fairseq's
+``bart`` (``bart_base``, ``bart_large``, ``mbart_*``), or an ``adaptive_moe_transformer`` /
+``adaptive_moe_bart`` trained with ``--moe-freq 0``. (``fairseq-train --arch adaptive_moe_bart
+--restore-file`` of a dense BART does the same conversion when loading, without this tool.)
 """
 
 import argparse
@@ -41,6 +45,7 @@ import torch
 
 PROG = "adaptive-moe-upcycle"
 MOE_ARCH = "adaptive_moe_transformer"
+MOE_BART_ARCH = "adaptive_moe_bart"
 
 
 class UpcycleError(Exception):
@@ -54,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Turn a dense fairseq transformer checkpoint into an adaptive_moe_transformer "
-                    "checkpoint whose experts are copies of the dense FFNs.",
+        description="Turn a dense fairseq transformer (or BART) checkpoint into an "
+                    "adaptive_moe_transformer (adaptive_moe_bart) checkpoint whose experts are "
+                    "copies of the dense FFNs.",
         epilog="Continue training with fairseq-train DATA --user-dir fairseq_adaptive_moe "
                "--restore-file OUT --reset-optimizer and the model flags this tool prints.",
     )
@@ -117,7 +123,8 @@ def moe_options(args) -> dict:
 # ---- the dense checkpoint ----------------------------------------------------------------------
 
 def load_dense(path: str, data: Optional[str]):
-    """(state, cfg) of the dense checkpoint; UpcycleError unless it is a dense fairseq transformer."""
+    """(state, cfg, MoE arch) of the dense checkpoint; UpcycleError unless it is a dense fairseq
+    transformer or BART."""
     import fairseq_adaptive_moe  # noqa: F401  (registers the models; lets torch >= 2.6 load)
     from fairseq import checkpoint_utils
 
@@ -128,8 +135,7 @@ def load_dense(path: str, data: Optional[str]):
     cfg = state.get("cfg")
     if cfg is None or cfg.get("model") is None or "model" not in state:
         raise UpcycleError(f"{path} is not a fairseq model checkpoint (no cfg.model / model)")
-    check_dense_arch(cfg.model, path)
-    return state, cfg
+    return state, cfg, check_dense_arch(cfg.model, path)
 
 
 def model_class(model_cfg):
@@ -139,27 +145,31 @@ def model_class(model_cfg):
     return name, ARCH_MODEL_REGISTRY.get(name) or MODEL_REGISTRY.get(name)
 
 
-def check_dense_arch(model_cfg, path: str) -> None:
+def check_dense_arch(model_cfg, path: str) -> str:
+    """The MoE architecture the dense checkpoint becomes; UpcycleError if it cannot."""
+    from fairseq.models import ARCH_MODEL_REGISTRY
     from fairseq.models.bart import BARTModel
     from fairseq.models.transformer import TransformerModel
 
-    from ..models import AdaptiveMoETransformerModel
+    from ..models import AdaptiveMoEBARTModel, AdaptiveMoETransformerModel
 
     name, cls = model_class(model_cfg)
     if cls is None:
         raise UpcycleError(f"{path}: unknown architecture {name!r} (is its --user-dir imported?)")
-    if issubclass(cls, BARTModel):
-        raise UpcycleError(f"{path}: BART upcycling not supported yet (arch {name}): this plugin "
-                           "has no MoE BART model; only fairseq transformer checkpoints upcycle")
-    if cls is AdaptiveMoETransformerModel:
+    if cls in (AdaptiveMoETransformerModel, AdaptiveMoEBARTModel):
         if getattr(model_cfg, "moe_freq", 1) != 0:
             raise UpcycleError(f"{path} is already an MoE checkpoint (arch {name}, --moe-freq "
                                f"{getattr(model_cfg, 'moe_freq', '?')}); give a dense one")
-        return
+        return MOE_ARCH if cls is AdaptiveMoETransformerModel else name
+    if cls is BARTModel:  # bart_base -> adaptive_moe_bart_base, ...
+        moe_name = f"adaptive_moe_{name}"
+        return moe_name if ARCH_MODEL_REGISTRY.get(moe_name) is AdaptiveMoEBARTModel else MOE_BART_ARCH
     if cls is not TransformerModel:
         raise UpcycleError(f"{path}: unsupported architecture {name!r} ({cls.__name__}); "
-                           f"{PROG} upcycles fairseq 'transformer' checkpoints (transformer, "
-                           "transformer_wmt_en_de_big, transformer_wmt19_de_en, transformer_tiny, ...)")
+                           f"{PROG} upcycles fairseq 'transformer' and 'bart' checkpoints "
+                           "(transformer, transformer_wmt19_de_en, transformer_tiny, bart_base, "
+                           "bart_large, ...)")
+    return MOE_ARCH
 
 
 def _first_line(err: BaseException) -> str:
@@ -169,12 +179,12 @@ def _first_line(err: BaseException) -> str:
 
 # ---- the MoE model -----------------------------------------------------------------------------
 
-def moe_model_args(dense_args, options: dict) -> argparse.Namespace:
-    """The dense model's namespace (all its dimensions) as an adaptive_moe_transformer."""
+def moe_model_args(dense_args, options: dict, arch: str = MOE_ARCH) -> argparse.Namespace:
+    """The dense model's namespace (all its dimensions) as the MoE architecture ``arch``."""
     args = copy.deepcopy(dense_args)
     if not isinstance(args, argparse.Namespace):  # a dataclass-style model config
         args = argparse.Namespace(**dict(args))
-    args.arch = args._name = MOE_ARCH
+    args.arch = args._name = arch
     for name, value in options.items():
         setattr(args, name, value)
     return args
@@ -246,16 +256,18 @@ def train_flags(moe_args) -> List[str]:
     Parsed as fairseq-train does (model flags default to unset, then the architecture function
     fills them); a flag is kept only if dropping it would change a model option.
     """
-    from ..models import AdaptiveMoETransformerModel, adaptive_moe_transformer
+    from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
 
+    arch = moe_args.arch
+    arch_function = ARCH_CONFIG_REGISTRY[arch]
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     group = parser.add_argument_group(argument_default=argparse.SUPPRESS)
-    AdaptiveMoETransformerModel.add_args(group)
+    ARCH_MODEL_REGISTRY[arch].add_args(group)
     actions = [a for a in group._group_actions if hasattr(moe_args, a.dest)]
 
     def differences(items) -> List[str]:
         ns = parser.parse_args([tok for item in items for tok in item])
-        adaptive_moe_transformer(ns)
+        arch_function(ns)
         return [a.dest for a in actions if not _same(getattr(ns, a.dest, None),
                                                      getattr(moe_args, a.dest))]
 
@@ -273,7 +285,7 @@ def train_flags(moe_args) -> List[str]:
     if left:  # e.g. an option that is on by default and off here: no flag turns it off
         print(f"{PROG}: warning: no fairseq-train flag sets {', '.join(left)} as in the "
               "checkpoint", file=sys.stderr)
-    return ["--arch", MOE_ARCH] + [tok for item in items for tok in item]
+    return ["--arch", arch] + [tok for item in items for tok in item]
 
 
 def _same(a, b) -> bool:
@@ -291,7 +303,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_flags(args)
-        state, cfg = load_dense(args.dense, args.data)
+        state, cfg, arch = load_dense(args.dense, args.data)
         from fairseq import tasks
 
         try:
@@ -300,16 +312,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UpcycleError(f"cannot set up task {cfg.task.get('_name')!r} from data "
                                f"{cfg.task.get('data')!r} ({_first_line(e)}); give --data DIR "
                                "holding the checkpoint's dictionaries") from None
-        dense_model = task.build_model(copy.deepcopy(cfg.model))
+        dense_cfg = copy.deepcopy(cfg.model)
+        if arch != MOE_ARCH:  # BART: keep the classification heads (BART drops them otherwise)
+            dense_cfg.load_checkpoint_heads = True
+        dense_model = task.build_model(dense_cfg)
         try:
-            dense_model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
+            dense_model.load_state_dict(state["model"], strict=True, model_cfg=dense_cfg)
         except RuntimeError as e:
             raise UpcycleError(f"{args.dense}: weights do not match the stored architecture: "
                                f"{_first_line(e)}") from None
         options = moe_options(args)
-        moe_args = moe_model_args(cfg.model, options)
+        moe_args = moe_model_args(cfg.model, options, arch)
         torch.manual_seed(args.seed)  # the gates' nn.Linear init
         moe_model = task.build_model(moe_args)
+        for head, module in getattr(dense_model, "classification_heads", {}).items():
+            moe_model.register_classification_head(head, module.out_proj.out_features,
+                                                   module.dense.out_features)
         layers = upcycle(dense_model, moe_model, args.noise_std, args.gate_init_std, args.seed)
         if not layers:
             raise UpcycleError(f"--moe-freq {args.moe_freq} leaves no MoE layer in a "
@@ -354,7 +372,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         side, _, index = name.split(".")[:3]
         sides.setdefault(side, []).append(int(index))
     where = ", ".join(f"{side} layers {idx}" for side, idx in sides.items())
-    print(f"{PROG}: wrote {out}: {MOE_ARCH}, {args.moe_expert_count} experts in {where}; "
+    print(f"{PROG}: wrote {out}: {arch}, {args.moe_expert_count} experts in {where}; "
           f"combine weights {args.moe_combine_weights}, noise {args.noise_std}, gate init "
           f"{gate_init}, seed {args.seed}; no optimizer state")
     if args.moe_combine_weights != "renormalized" or args.moe_capacity_factor > 0:

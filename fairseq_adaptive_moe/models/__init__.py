@@ -10,6 +10,7 @@ from .adaptive_moe_transformer import (  # noqa: F401  (registers the model and 
     adaptive_moe_transformer_tiny,
     adaptive_moe_transformer_wmt19_de_en,
 )
+from .adaptive_moe_bart import AdaptiveMoEBARTModel, MoEBARTConfig  # noqa: F401  (registers BART)
 from .adaptive_moe_transformer_lm import (  # noqa: F401  (registers the LM and its archs)
     AdaptiveMoETransformerLanguageModel,
     AdaptiveMoETransformerLMConfig,

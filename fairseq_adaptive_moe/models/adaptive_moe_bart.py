@@ -1,0 +1,246 @@
+"""``adaptive_moe_bart``: fairseq's BART with adaptive-gating MoE FFNs.
+
+The model subclasses fairseq's ``BARTModel``, so BART fine-tuning keeps working as it is:
+``--restore-file`` of a BART checkpoint, classification heads, ``--init-token``, the removal of
+the ``<mask>`` embedding row when fine-tuning on a task without it, and ``BARTHubInterface``.
+Its encoder and decoder are this plugin's ``AdaptiveMoETransformerEncoder/Decoder``: every
+``--moe-freq``-th layer has an MoE FFN, and the layers' ``MoEStats`` reach the criterion in
+``net_output[1]["moe_stats"]`` (encoder layers first).
+
+**Dense checkpoints load into it.** ``upgrade_state_dict_named`` (which fairseq runs on every
+state dict before loading it: ``--restore-file``, ``fairseq-generate --path``, the hub) turns the
+dense FFN weights of each layer that is MoE here (``encoder.layers.3.fc1.weight`` ...) into that
+layer's expert stacks:
+
+- ``--moe-init-from-dense copy`` (default): every expert is a copy of the dense FFN
+  (``ExpertFFN.load_dense``, as ``adaptive-moe-upcycle`` does);
+- ``--moe-init-from-dense random``: the experts keep their random init and the dense FFN is
+  dropped.
+
+The gate, which a dense checkpoint does not have, keeps the model's own init: ``nn.Linear``'s
+default ``U(-1/sqrt(d), 1/sqrt(d))``, the same as in ``adaptive_moe_transformer`` and the upcycle
+tool (BART's BERT-style re-initialisation of every linear layer is undone for the gates). With
+copied experts and ``--moe-combine-weights renormalized`` the model computes exactly what the
+dense BART computed, whatever the routing; with ``softmax`` weights (the default) each token's FFN
+output is scaled by the probabilities of the experts it used, and a warning says so. A checkpoint
+that is already MoE loads unchanged; a mismatch (expert count, FFN size, an MoE layer where this
+model is dense) stops with one line naming the layer.
+"""
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import List, Optional
+
+import torch
+
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.dataclass.utils import gen_parser_from_dataclass
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.bart import BARTModel
+from fairseq.models.bart.model import bart_base_architecture, bart_large_architecture
+
+from ..moe import MoELayer
+from .adaptive_moe_transformer import AdaptiveMoETransformerDecoder, AdaptiveMoETransformerEncoder
+from .config import MoEConfig, exit_on_bad_moe_args, set_moe_defaults
+
+logger = logging.getLogger(__name__)
+
+INIT_FROM_DENSE = ("copy", "random")
+
+
+@dataclass
+class MoEBARTConfig(FairseqDataclass):
+    moe_init_from_dense: ChoiceEnum(INIT_FROM_DENSE) = field(
+        default="copy",
+        metadata={"help": "when a dense checkpoint is loaded (--restore-file of a BART model): "
+                          "copy each dense FFN into every expert of its layer, or keep the "
+                          "experts' random init and drop the dense FFN (default: copy)"},
+    )
+
+
+class MoECheckpointError(ValueError):
+    """A state dict that does not fit the model's MoE layers. The message names the layer."""
+
+
+def moe_layers(model) -> List[tuple]:
+    """[(module name, MoELayer)] of ``model``, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MoELayer)]
+
+
+@torch.no_grad()
+def dense_ffn_to_experts(model, state_dict, prefix: str = "", init: str = "copy") -> List[str]:
+    """Rewrite, in place, the dense FFN weights of ``state_dict`` for ``model``'s MoE layers.
+
+    For each MoE layer ``X.moe`` of the model whose ``X.fc1.*`` / ``X.fc2.*`` are in the state dict,
+    those four tensors are replaced by the MoE layer's own (``X.moe.gate.wg.weight``,
+    ``X.moe.experts.*``): experts copied from the dense FFN (``init="copy"``) or left at their
+    init (``"random"``), the gate at its init. Layers already MoE in the state dict are checked
+    (expert count, FFN size) and kept. Returns the converted layers' names; raises
+    :class:`MoECheckpointError` on a mismatch.
+    """
+    if init not in INIT_FROM_DENSE:
+        raise MoECheckpointError(f"--moe-init-from-dense must be one of {INIT_FROM_DENSE}, "
+                                 f"got {init!r}")
+    layers = moe_layers(model)
+    moe_prefixes = {prefix + name + "." for name, _ in layers}
+    for key in state_dict:
+        if ".moe." in key and key.split(".moe.")[0] + ".moe." not in moe_prefixes:
+            layer = key.split(".moe.")[0]
+            raise MoECheckpointError(f"the checkpoint's {layer} is an MoE layer but this model's "
+                                     "is dense (check --moe-freq and the layer counts)")
+    converted = []
+    for name, moe in layers:
+        layer, here = prefix + name[: -len(".moe")], prefix + name + "."
+        dense = {f"{fc}.{p}": f"{layer}.{fc}.{p}" for fc in ("fc1", "fc2") for p in ("weight", "bias")}
+        found = [k for k in dense.values() if k in state_dict]
+        experts = moe.experts
+        if any(k.startswith(here) for k in state_dict):
+            if found:
+                raise MoECheckpointError(f"the checkpoint's {layer} has both dense FFN and MoE "
+                                         "weights")
+            stored = state_dict.get(here + "experts.fc1_weight")
+            if stored is not None and tuple(stored.shape) != tuple(experts.fc1_weight.shape):
+                raise MoECheckpointError(
+                    f"the checkpoint's {layer} has {stored.shape[0]} experts of shape "
+                    f"{tuple(stored.shape[1:])}, this model {experts.num_experts} of shape "
+                    f"{tuple(experts.fc1_weight.shape[1:])} (check --moe-expert-count and the "
+                    "FFN dims)")
+            continue
+        if not found:
+            continue  # nothing to convert; a strict load names the missing keys
+        if len(found) != 4:
+            raise MoECheckpointError(f"the checkpoint's {layer} has an incomplete dense FFN "
+                                     f"({', '.join(found)})")
+        fc1 = SimpleNamespace(weight=state_dict[dense["fc1.weight"]], bias=state_dict[dense["fc1.bias"]])
+        fc2 = SimpleNamespace(weight=state_dict[dense["fc2.weight"]], bias=state_dict[dense["fc2.bias"]])
+        want = (experts.ffn_dim, experts.embed_dim)
+        if tuple(fc1.weight.shape) != want or tuple(fc2.weight.shape) != want[::-1]:
+            raise MoECheckpointError(
+                f"the checkpoint's {layer} FFN is {tuple(fc1.weight.shape[::-1])} (d, ffn), this "
+                f"model's experts are {want[::-1]} (check the architecture's dims)")
+        if init == "copy":
+            experts.load_dense(fc1, fc2)
+        for key in dense.values():
+            del state_dict[key]
+        for key, value in moe.state_dict().items():
+            state_dict[here + key] = value  # live tensors: load_state_dict copies them onto themselves
+        converted.append(layer)
+    return converted
+
+
+@register_model("adaptive_moe_bart")
+class AdaptiveMoEBARTModel(BARTModel):
+    """BART whose FFNs are adaptive-gating MoE layers (see the module docstring)."""
+
+    def __init__(self, args, encoder, decoder):
+        super().__init__(args, encoder, decoder)
+        # BARTModel re-initialised every nn.Linear as BERT does; the gates get back nn.Linear's
+        # default init, as everywhere else in this plugin. The experts were not touched.
+        for _, moe in moe_layers(self):
+            moe.gate.wg.reset_parameters()
+
+    @staticmethod
+    def add_args(parser):
+        BARTModel.add_args(parser)
+        gen_parser_from_dataclass(parser, MoEConfig(), delete_default=True)
+        gen_parser_from_dataclass(parser, MoEBARTConfig(), delete_default=True)
+
+    @classmethod
+    def build_model(cls, args, task):
+        adaptive_moe_bart(args)  # fills what the chosen architecture left unset, checks
+        return super().build_model(args, task)
+
+    @classmethod
+    def build_encoder(cls, cfg, src_dict, embed_tokens):
+        return AdaptiveMoETransformerEncoder(cfg, src_dict, embed_tokens)
+
+    @classmethod
+    def build_decoder(cls, cfg, tgt_dict, embed_tokens):
+        return AdaptiveMoETransformerDecoder(cfg, tgt_dict, embed_tokens,
+                                             no_encoder_attn=cfg.no_cross_attention)
+
+    def forward(self, src_tokens, src_lengths, prev_output_tokens, features_only: bool = False,
+                classification_head_name: Optional[str] = None,
+                token_embeddings: Optional[torch.Tensor] = None, return_all_hiddens: bool = True,
+                alignment_layer: Optional[int] = None, alignment_heads: Optional[int] = None):
+        """BARTModel.forward, plus the encoder's MoE stats in ``extra["moe_stats"]``."""
+        if classification_head_name is not None:
+            features_only = True
+        encoder_out = self.encoder(src_tokens, src_lengths=src_lengths,
+                                   token_embeddings=token_embeddings,
+                                   return_all_hiddens=return_all_hiddens)
+        x, extra = self.decoder(prev_output_tokens, encoder_out=encoder_out,
+                                features_only=features_only, alignment_layer=alignment_layer,
+                                alignment_heads=alignment_heads, src_lengths=src_lengths,
+                                return_all_hiddens=return_all_hiddens)
+        extra["moe_stats"] = encoder_out.get("moe_stats", []) + extra.get("moe_stats", [])
+        if classification_head_name is not None:  # the last </s> of each sentence, as BART
+            sentence = x[src_tokens.eq(self.eos), :].view(x.size(0), -1, x.size(-1))[:, -1, :]
+            x = self.classification_heads[classification_head_name](sentence)
+        return x, extra
+
+    def upgrade_state_dict_named(self, state_dict, name):
+        """BART's upgrades (heads, ``<mask>`` row, layer norms), then dense FFN -> experts."""
+        super().upgrade_state_dict_named(state_dict, name)
+        init = getattr(self.args, "moe_init_from_dense", None) or "copy"
+        try:
+            converted = dense_ffn_to_experts(self, state_dict, name + "." if name else "", init)
+        except MoECheckpointError as e:
+            sys.stderr.write(f"error: cannot load the checkpoint into {self.args.arch}: {e}\n")
+            raise SystemExit(1) from None
+        if not converted:
+            return
+        experts = moe_layers(self)[0][1].experts.num_experts
+        logger.info(f"dense checkpoint: the FFNs of {len(converted)} layers became {experts} "
+                    f"experts each ({'copies of the dense FFN' if init == 'copy' else 'random init'}"
+                    f"; gates at their init): {', '.join(converted)}")
+        if init == "copy" and (getattr(self.args, "moe_combine_weights", "softmax") != "renormalized"
+                               or (getattr(self.args, "moe_capacity_factor", 0) or 0) > 0):
+            logger.warning(
+                "experts copied from a dense FFN, but with --moe-combine-weights "
+                f"{self.args.moe_combine_weights} and --moe-capacity-factor "
+                f"{self.args.moe_capacity_factor:g} the model does not start from the dense "
+                "model's outputs: softmax weights scale each token's FFN output by the gate "
+                "probabilities it used (p1, or p1 + p2), and a capacity limit drops tokens; "
+                "--moe-combine-weights renormalized with no capacity limit reproduces them exactly")
+
+
+def _moe_bart_defaults(args, dims, **moe_defaults) -> None:
+    """Architecture dims first, then BART-large's for the rest, the MoE defaults, the checks."""
+    set_moe_defaults(args, **moe_defaults)
+    if getattr(args, "moe_init_from_dense", None) is None:
+        args.moe_init_from_dense = "copy"
+    dims(args)
+    exit_on_bad_moe_args(args)
+
+
+@register_model_architecture("adaptive_moe_bart", "adaptive_moe_bart")
+def adaptive_moe_bart(args):
+    """BART-large dimensions (12+12 layers, d 1024, FFN 4096, 16 heads, GELU), 16 experts."""
+    _moe_bart_defaults(args, bart_large_architecture, moe_expert_count=16)
+
+
+@register_model_architecture("adaptive_moe_bart", "adaptive_moe_bart_large")
+def adaptive_moe_bart_large(args):
+    """BART-large: 12+12 layers, d 1024, FFN 4096, 16 heads, 16 experts."""
+    _moe_bart_defaults(args, bart_large_architecture, moe_expert_count=16)
+
+
+@register_model_architecture("adaptive_moe_bart", "adaptive_moe_bart_base")
+def adaptive_moe_bart_base(args):
+    """BART-base: 6+6 layers, d 768, FFN 3072, 12 heads, 16 experts."""
+    _moe_bart_defaults(args, bart_base_architecture, moe_expert_count=16)
+
+
+@register_model_architecture("adaptive_moe_bart", "adaptive_moe_bart_tiny")
+def adaptive_moe_bart_tiny(args):
+    """For tests and CPU runs: 2+2 layers, d 128, FFN 512, 4 heads, 4 experts, BART otherwise
+    (learned positions up to 1024, layernorm on embeddings, GELU, shared embeddings)."""
+    for name, value in (("encoder_embed_dim", 128), ("encoder_ffn_embed_dim", 512),
+                        ("encoder_layers", 2), ("encoder_attention_heads", 4),
+                        ("decoder_layers", 2), ("decoder_attention_heads", 4)):
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    _moe_bart_defaults(args, bart_large_architecture, moe_expert_count=4)
