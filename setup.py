@@ -26,6 +26,7 @@ setup(
             "adaptive-moe-bench = fairseq_adaptive_moe.cli.bench:main",
             "adaptive-moe-routing = fairseq_adaptive_moe.cli.routing:main",
             "adaptive-moe-upcycle = fairseq_adaptive_moe.cli.upcycle:main",
+            "adaptive-moe-consolidate = fairseq_adaptive_moe.cli.consolidate:main",
         ],
     },
 )

@@ -8,7 +8,9 @@ Metrics: ``moe_loss`` (the weighted auxiliary loss per ``sample_size`` unit), ``
 routed tokens that used 2+ experts, all MoE layers), ``moe_2x_enc0``/``moe_2x_dec1``... (the same
 per layer), ``moe_ept`` (expert slots per token: 1.0 = top-1 compute, 2.0 = top-2),
 ``moe_imbalance`` (max expert load / mean expert load, averaged over layers; 1.0 = balanced),
-``moe_dropped`` (share of wanted slots dropped by a capacity limit; only with a capacity factor).
+``moe_dropped`` (share of wanted slots dropped by a capacity limit; only with a capacity factor),
+``moe_a2a_mb`` (expert parallelism: MB of token rows all ranks sent to other ranks' experts per
+update, forward; the backward pass sends as many gradient rows back).
 """
 
 from typing import Dict, List, Sequence
@@ -57,6 +59,9 @@ def moe_logging_output(stats: Sequence[MoEStats]) -> Dict[str, float]:
         out[f"moe_slots_{n}"] = slots
         out[f"moe_maxload_{n}"] = max_load_x_e
         out[f"moe_dropped_{n}"] = dropped
+    sent = sum(s.bytes_sent for s in stats)
+    if sent:
+        out["moe_a2a_bytes"] = float(sent)
     return out
 
 
@@ -65,6 +70,8 @@ def reduce_moe_metrics(logging_outputs: List[Dict], sample_size: float) -> None:
     def total(key):
         return sum(log.get(key, 0) for log in logging_outputs)
 
+    if any("moe_a2a_bytes" in log for log in logging_outputs):
+        metrics.log_scalar("moe_a2a_mb", total("moe_a2a_bytes") / 1e6, round=3)
     if any("moe_loss" in log for log in logging_outputs):
         metrics.log_scalar("moe_loss", total("moe_loss") / max(sample_size, 1), sample_size, round=4)
     layers = sorted({k[len("moe_tokens_"):] for log in logging_outputs for k in log

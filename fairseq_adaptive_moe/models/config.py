@@ -7,6 +7,7 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
 from ..moe import BALANCE_TOKENS, COMBINE_WEIGHTS, EVAL_GATING, GATING_POLICIES, THRESHOLD_PROBS
 from ..moe import GateConfigError, check_gate_config
+from .. import expert_parallel
 
 
 class MoEConfigError(ValueError):
@@ -68,6 +69,13 @@ class MoEConfig(FairseqDataclass):
                           "(the paper: tokens that used one expert) or first (GShard: every "
                           "token) (default: single)"},
     )
+    moe_expert_parallel_size: int = field(
+        default=1,
+        metadata={"help": "expert parallelism: each group of P consecutive ranks shares one copy "
+                          "of the experts, E/P per rank, tokens sent to their experts by a "
+                          "dropless all-to-all; P must divide the expert count and the world "
+                          "size; 1 = experts replicated on every rank (default: 1)"},
+    )
 
 
 MOE_DEFAULTS = {name: f.default for name, f in MoEConfig.__dataclass_fields__.items()
@@ -103,6 +111,10 @@ def check_moe_args(args) -> None:
     except GateConfigError as e:
         name = GATE_OPTION_FLAGS[e.option]
         raise MoEConfigError(f"{flag(name)} {str(e).split(' ', 1)[1]}") from None
+    try:
+        expert_parallel.check_args(args)
+    except expert_parallel.ExpertParallelError as e:
+        raise MoEConfigError(str(e)) from None
     for name in ("moe_balance_loss_weight", "moe_z_loss_weight"):
         value = getattr(args, name, None)
         if value is not None and not value >= 0:
@@ -114,6 +126,7 @@ def exit_on_bad_moe_args(args) -> None:
     one line on stderr and exit status 1 instead of a traceback."""
     try:
         check_moe_args(args)
+        expert_parallel.configure_launch(args)
     except MoEConfigError as e:
         sys.stderr.write(f"error: {e}\n")
         raise SystemExit(1) from None

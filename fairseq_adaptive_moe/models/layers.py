@@ -15,6 +15,7 @@ from fairseq.modules.transformer_layer import (
     TransformerEncoderLayerBase,
 )
 
+from .. import expert_parallel
 from ..moe import ExpertFFN, MoELayer, MoEStats, TopKGate
 
 
@@ -25,7 +26,11 @@ def is_moe_layer(index: int, moe_freq: int) -> bool:
 
 def build_moe_layer(cfg, embed_dim: int, ffn_dim: int, name: str) -> MoELayer:
     """An :class:`MoELayer` from a config carrying the ``moe_*`` fields of ``MoEConfig`` and
-    fairseq's ``activation_fn`` / ``activation_dropout`` (``relu_dropout``)."""
+    fairseq's ``activation_fn`` / ``activation_dropout`` (``relu_dropout``).
+
+    With ``moe_expert_parallel_size`` P > 1 the layer holds only its rank's E/P experts (their
+    global indices keep the initialisation of an unsharded layer) and exchanges tokens with the
+    other ranks of its expert-parallel group; see :mod:`fairseq_adaptive_moe.expert_parallel`."""
     gate = TopKGate(
         embed_dim, cfg.moe_expert_count, policy=cfg.moe_gating, threshold=cfg.moe_threshold,
         max_experts=cfg.moe_max_experts, eval_policy=cfg.moe_eval_gating,
@@ -33,10 +38,16 @@ def build_moe_layer(cfg, embed_dim: int, ffn_dim: int, name: str) -> MoELayer:
         combine_weights=cfg.moe_combine_weights,
     )
     activation_dropout = getattr(cfg, "activation_dropout", 0.0) or getattr(cfg, "relu_dropout", 0.0) or 0.0
-    experts = ExpertFFN(cfg.moe_expert_count, embed_dim, ffn_dim,
+    ep = expert_parallel.setup(int(getattr(cfg, "moe_expert_parallel_size", 1) or 1))
+    local = cfg.moe_expert_count if ep is None else cfg.moe_expert_count // ep.size
+    experts = ExpertFFN(local, embed_dim, ffn_dim,
                         activation=str(getattr(cfg, "activation_fn", "relu")),
-                        activation_dropout=activation_dropout)
-    return MoELayer(gate, experts, name=name, balance_tokens=cfg.moe_balance_tokens)
+                        activation_dropout=activation_dropout,
+                        first_expert=0 if ep is None else ep.rank * local)
+    if ep is not None:
+        expert_parallel.shard_parameters(experts, ep)
+    return MoELayer(gate, experts, name=name, balance_tokens=cfg.moe_balance_tokens,
+                    group=None if ep is None else ep.group)
 
 
 class MoEFFNMixin:

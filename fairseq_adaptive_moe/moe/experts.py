@@ -24,6 +24,9 @@ ACTIVATIONS = {
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
+# ExpertFFN's parameters, each stacked over the experts in its first dimension
+EXPERT_PARAM_NAMES = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
+
 
 def _grouped_mm_ok(x: Tensor, w: Tensor) -> bool:
     """Whether ``F.grouped_mm`` takes these operands: CPU, or CUDA bf16, 16-byte-aligned rows."""

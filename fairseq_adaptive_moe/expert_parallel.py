@@ -1,0 +1,279 @@
+"""Expert parallelism in fairseq training: ``--moe-expert-parallel-size P``.
+
+The W ranks of a fairseq run form W/P *expert-parallel groups* of P consecutive ranks
+(``[0..P-1]``, ``[P..2P-1]``, ...). Inside a group, rank ``r`` (its place in the group, global
+rank mod P) holds experts ``[r*E/P, (r+1)*E/P)`` of every MoE layer, and tokens travel to their
+experts by the dropless all-to-all of :class:`~fairseq_adaptive_moe.moe.parallel.ExpertParallelExchange`.
+The ranks holding the same experts (one per group) form a *replica group* of W/P ranks.
+
+What fairseq gets from this module, and why:
+
+* **Gradients.** Expert parameters carry fairseq's ``param.expert`` tag, so ``--ddp-backend
+  legacy_ddp`` (alias ``no_c10d``) does not all-reduce them. The other backends are refused:
+  c10d/pytorch_ddp would average the different shards of a group's ranks as if they were one
+  tensor (and fairseq's c10d wrapper cannot run on CPU at all: it passes ``device_ids``);
+  fully_sharded and slowmo shard or average differently again.
+  Their gradient is instead summed over the replica group and divided by W inside the backward
+  pass (a hook on each expert parameter). fairseq divides shared gradients by W the same way
+  (DDP averages, then the trainer multiplies by ``W / sample_size``), so every parameter ends
+  with ``sum of per-token gradients / sample_size``, as in one process. The hook runs on every
+  backward, which is exact under ``--update-freq`` (the sum is linear).
+* **Clipping.** fairseq's ``clip_grad_norm_`` leaves ``expert`` gradients out of the norm. While
+  expert parallelism is active it is wrapped so that the norm is the true global one,
+  ``sqrt(|shared|^2 + sum over the P shards of |local experts|^2)``, the same on every rank.
+* **Checkpoints.** Ranks ``0..P-1`` (the first group) each save their own file, the checkpoint name
+  plus ``-ep{r}`` (``checkpoint_last-ep0.pt``, ...), holding the shared parameters, their experts
+  and their optimizer state. Every rank loads the file of its own shard, so resuming under the same
+  P works as usual. ``adaptive-moe-consolidate`` merges the shards (or re-shards to another P).
+* **Launching on CPU.** fairseq's torchrun support divides by the number of GPUs; under
+  ``torchrun ... fairseq-train --cpu`` the rank, world size and gloo backend are taken from
+  torchrun's environment instead (:func:`configure_cpu_torchrun`).
+
+Validation stays in lockstep because fairseq pads every rank's shard of batches to the same
+length with dummy batches, and a dummy batch runs the full forward (its loss is multiplied by 0).
+Beam search does not: its number of decoder steps depends on the data. Generation therefore runs
+on a consolidated checkpoint, and ``--eval-bleu`` during expert-parallel training is refused.
+"""
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_DDP_BACKENDS = ("legacy_ddp", "no_c10d")
+TORCHRUN_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")
+
+
+def shard_suffix(ep_rank: int) -> str:
+    """What a rank's checkpoint file adds to fairseq's name: ``checkpoint_last-ep1.pt``."""
+    return f"-ep{ep_rank}"
+
+
+@dataclass
+class ExpertParallelState:
+    """This process's place in expert parallelism.
+
+    size:          P, ranks sharing one copy of the experts
+    world:         W, all ranks
+    rank:          place in the expert-parallel group (global rank mod P): which shard it holds
+    group:         the P ranks of this rank's expert-parallel group
+    replica_group: the W/P ranks holding the same shard (None when W == P)
+    """
+
+    size: int
+    world: int
+    rank: int
+    group: Any
+    replica_group: Optional[Any]
+
+    @property
+    def replicas(self) -> int:
+        return self.world // self.size
+
+
+_STATE: Optional[ExpertParallelState] = None
+
+
+def current() -> Optional[ExpertParallelState]:
+    """The state set up by :func:`setup`, or None without expert parallelism."""
+    return _STATE
+
+
+class ExpertParallelError(ValueError):
+    """A configuration expert parallelism cannot run; the message names the flag."""
+
+
+def _world_size(args) -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return int(getattr(args, "distributed_world_size", 1) or 1)
+
+
+def check_args(args) -> None:
+    """Raise :class:`ExpertParallelError` for a P that cannot run with these flags."""
+    size = getattr(args, "moe_expert_parallel_size", None)
+    size = 1 if size is None else int(size)
+    if size < 1:
+        raise ExpertParallelError(f"--moe-expert-parallel-size must be >= 1, got {size}")
+    if size == 1:
+        return
+    experts = args.moe_expert_count
+    if experts % size != 0:
+        raise ExpertParallelError(
+            f"--moe-expert-parallel-size {size} must divide --moe-expert-count {experts}")
+    world = _world_size(args)
+    if world % size != 0:
+        raise ExpertParallelError(
+            f"--moe-expert-parallel-size {size} must divide the world size {world}"
+            + ("; this model is sharded over ranks: merge it with adaptive-moe-consolidate "
+               "to use it in one process" if world == 1 else ""))
+    backend = getattr(args, "ddp_backend", None)
+    if backend is not None and backend not in SUPPORTED_DDP_BACKENDS:
+        raise ExpertParallelError(
+            f"--ddp-backend {backend} is not supported with --moe-expert-parallel-size (it would "
+            f"average the ranks' different expert shards); use --ddp-backend legacy_ddp")
+    if getattr(args, "fp16", False) and not getattr(args, "memory_efficient_fp16", False) \
+            and not getattr(args, "fp16_no_flatten_grads", False):
+        raise ExpertParallelError(
+            "--fp16 flattens all gradients into one buffer and loses which are expert-sharded; "
+            "add --fp16-no-flatten-grads, or use --amp or --memory-efficient-fp16 with "
+            "--moe-expert-parallel-size")
+    if getattr(args, "eval_bleu", False):
+        raise ExpertParallelError(
+            "--eval-bleu runs beam search, whose steps differ between ranks and would hang the "
+            "expert all-to-all; drop it with --moe-expert-parallel-size and score a "
+            "consolidated checkpoint instead")
+    if getattr(args, "zero_sharding", "none") not in (None, "none"):
+        raise ExpertParallelError("--zero-sharding is not supported with --moe-expert-parallel-size")
+
+
+def configure_launch(args) -> None:
+    """At start-up, on the full fairseq namespace: settings expert parallelism needs.
+
+    Every rank loads its own checkpoint shard (``--load-checkpoint-on-all-dp-ranks``), instead of
+    rank 0 loading one file and broadcasting it.
+    """
+    configure_cpu_torchrun(args)
+    if int(getattr(args, "moe_expert_parallel_size", 1) or 1) > 1 \
+            and hasattr(args, "load_checkpoint_on_all_dp_ranks"):
+        args.load_checkpoint_on_all_dp_ranks = True
+
+
+def configure_cpu_torchrun(args) -> None:
+    """``torchrun --nproc_per_node N fairseq-train ... --cpu``: take rank and world size from
+    torchrun's environment and use gloo.
+
+    fairseq's own inference of a torchrun launch computes ``rank % torch.cuda.device_count()``
+    (a division by zero without GPUs) and skips distributed training altogether when
+    ``--distributed-world-size`` was left at its CPU default of 1.
+    """
+    if not getattr(args, "cpu", False) or not all(k in os.environ for k in TORCHRUN_ENV):
+        return
+    if not hasattr(args, "distributed_init_method") or args.distributed_init_method is not None:
+        return
+    world = int(os.environ["WORLD_SIZE"])
+    if world <= 1:
+        return
+    args.distributed_init_method = "env://"
+    args.distributed_world_size = world
+    args.distributed_rank = int(os.environ["RANK"])
+    args.distributed_no_spawn = True
+    args.device_id = int(os.environ.get("LOCAL_RANK", 0))
+    if getattr(args, "distributed_backend", "gloo") != "gloo":
+        args.distributed_backend = "gloo"
+
+
+def setup(size: int) -> Optional[ExpertParallelState]:
+    """Create (once per process) the expert-parallel and replica process groups for P = ``size``.
+
+    Every rank creates every group, in the same order, as ``torch.distributed.new_group``
+    requires. Returns None for ``size == 1``.
+    """
+    global _STATE
+    if size <= 1:
+        return None
+    if _STATE is not None:
+        if _STATE.size != size:
+            raise ExpertParallelError(
+                f"--moe-expert-parallel-size {size} differs from the {_STATE.size} already set up "
+                "in this process")
+        return _STATE
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ExpertParallelError(
+            f"--moe-expert-parallel-size {size} needs distributed training (torchrun, or "
+            "fairseq's --distributed-world-size); to use a sharded model in one process, merge it "
+            "with adaptive-moe-consolidate")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % size != 0:
+        raise ExpertParallelError(
+            f"--moe-expert-parallel-size {size} must divide the world size {world}")
+    group = replica_group = None
+    for start in range(0, world, size):
+        ranks = list(range(start, start + size))
+        g = dist.new_group(ranks)
+        if rank in ranks:
+            group = g
+    if world > size:
+        for ep_rank in range(size):
+            ranks = list(range(ep_rank, world, size))
+            g = dist.new_group(ranks)
+            if rank % size == ep_rank:
+                replica_group = g
+    _STATE = ExpertParallelState(size, world, rank % size, group, replica_group)
+    _install_fairseq_hooks()
+    logger.info(f"expert parallelism: {size} ranks per expert group, {world // size} "
+                f"replica(s) of each expert; this rank holds shard {rank % size}")
+    return _STATE
+
+
+def shard_parameters(module: torch.nn.Module, state: ExpertParallelState) -> None:
+    """Tag a module's parameters as expert-sharded (fairseq's ``param.expert``) and reduce their
+    gradients over the replica group, divided by the world size, in the backward pass."""
+    def reduce_over_replicas(grad):
+        grad = grad.clone()
+        if state.replica_group is not None:
+            dist.all_reduce(grad, group=state.replica_group)
+        return grad.div_(state.world)
+
+    for p in module.parameters():
+        p.expert = True
+        p.register_hook(reduce_over_replicas)
+
+
+_ORIGINAL_CLIP = None
+
+
+def _clip_grad_norm_(params, max_norm, aggregate_norm_fn=None):
+    """fairseq's ``utils.clip_grad_norm_`` with expert-sharded gradients in the norm."""
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    params = list(params)
+    state = _STATE
+    expert_grads = [p.grad for p in params
+                    if p is not None and getattr(p, "grad", None) is not None and hasattr(p, "expert")]
+    if state is None or not expert_grads:
+        return _ORIGINAL_CLIP(params, max_norm, aggregate_norm_fn)
+    local = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) ** 2
+                         for g in expert_grads]).sum()
+    dist.all_reduce(local, group=state.group)  # each expert once: the P shards of one group
+
+    def aggregate(shared_norm):
+        if aggregate_norm_fn is not None:
+            shared_norm = aggregate_norm_fn(shared_norm)
+        return (shared_norm.float() ** 2 + local.to(shared_norm.device)).sqrt()
+
+    return _ORIGINAL_CLIP(params, max_norm, aggregate)
+
+
+def _install_fairseq_hooks() -> None:
+    """Per-shard checkpoint names and saving ranks, and the global clipping norm (once)."""
+    global _ORIGINAL_CLIP
+    if _ORIGINAL_CLIP is not None:
+        return
+    from fairseq import trainer, utils
+
+    _ORIGINAL_CLIP = utils.clip_grad_norm_
+    utils.clip_grad_norm_ = _clip_grad_norm_
+
+    cls = trainer.Trainer
+    suffix, should_save = cls.checkpoint_suffix, cls.should_save_checkpoint_on_current_rank
+
+    def checkpoint_suffix(self) -> str:
+        base = suffix.fget(self)
+        return base if _STATE is None else base + shard_suffix(_STATE.rank)
+
+    def should_save_checkpoint_on_current_rank(self) -> bool:
+        if _STATE is None:
+            return should_save.fget(self)
+        return self.data_parallel_rank < _STATE.size  # the first group holds every shard once
+
+    cls.checkpoint_suffix = property(checkpoint_suffix, doc=suffix.__doc__)
+    cls.should_save_checkpoint_on_current_rank = property(
+        should_save_checkpoint_on_current_rank, doc=should_save.__doc__)
