@@ -118,7 +118,10 @@ def generate_args(data_bin, checkpoint, gating="train", subset="test", record=No
     args = [str(data_bin), "--user-dir", str(USER_DIR), "--task", "translation",
             "--source-lang", "source", "--target-lang", "target", "--truncate-source",
             "--path", str(checkpoint), "--gen-subset", subset, "--max-tokens", str(max_tokens),
-            "--skip-invalid-size-inputs-valid-test"]
+            "--skip-invalid-size-inputs-valid-test",
+            # fairseq's batch_by_size drops the last few sentences when the batch size multiple
+            # is 8 (its default): 12 test articles gave 8 outputs
+            "--required-batch-size-multiple", "1"]
     for key, value in settings.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     record = record or {}

@@ -368,7 +368,8 @@ def generate_argv(args, checkpoint, gating):
                                     **eval_settings(args))
     argv = [str(args.data_bin), "--user-dir", str(USER_DIR), "--path", str(checkpoint),
             "--gen-subset", "test", "--cpu", "--max-tokens", "8000",
-            "--post-process", "sentencepiece"]
+            "--post-process", "sentencepiece", "--required-batch-size-multiple", "1"]
+    # (fairseq's batch_by_size drops the last few sentences at its default multiple of 8)
     for key, value in eval_settings(args).items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     if gating != "train":
