@@ -297,14 +297,14 @@ def _rewrite_arch(src, dst, arch):
     ("exists", ["--moe-expert-count", "4"], "exists; pass --force"),
     ("missing", ["--moe-expert-count", "4"], "dense checkpoint not found"),
     ("moe", ["--moe-expert-count", "4"], "already an MoE checkpoint"),
-    ("bart", ["--moe-expert-count", "4"], "weights do not match the stored architecture"),
+    ("lm", ["--moe-expert-count", "4"], "unsupported architecture 'transformer_lm'"),
     ("lstm", ["--moe-expert-count", "4"], "unsupported architecture 'lstm'"),
 ])
 def test_upcycle_errors_one_line_exit_2(case, flags, message, dense_ckpt, moe_ckpt, m30k_bin,
                                         tmp_path, capsys):
-    if case in ("bart", "lstm"):  # a real checkpoint whose config names another model
-        # (BART upcycles, see test_bart.py; a transformer's weights under a BART config do not fit)
-        src = _rewrite_arch(dense_ckpt, tmp_path / f"{case}.pt", "bart_base" if case == "bart" else case)
+    if case in ("lm", "lstm"):  # a real checkpoint whose config names another model (BART
+        # checkpoints upcycle: tests/test_bart.py)
+        src = _rewrite_arch(dense_ckpt, tmp_path / f"{case}.pt", "transformer_lm" if case == "lm" else case)
     else:
         src = {"missing": tmp_path / "nope.pt", "moe": moe_ckpt}.get(case, dense_ckpt)
     out = tmp_path / "out.pt"
