@@ -166,6 +166,19 @@ def test_stop_and_resume_under_two_ranks(runs, m30k_bin, tmp_path):
         assert gap <= 1e-6, (r, gap)
 
 
+def test_update_freq_accumulates_expert_grads_exactly(m30k_bin, tmp_path):
+    """Expert gradients are reduced in every backward pass; with --update-freq 2 under P=2 the
+    accumulated update must still equal one process with --update-freq 4."""
+    single = run_cli("fairseq-train", *train_flags(m30k_bin, tmp_path / "one", "adaptive", 3, 4))
+    sharded = torchrun(*train_flags(m30k_bin, tmp_path / "ep2", "adaptive", 3, 2),
+                       "--moe-expert-parallel-size", "2", "--ddp-backend", "legacy_ddp")
+    one = records(single.stdout + single.stderr, "train_inner")
+    ep2 = records(sharded.stdout + sharded.stderr, "train_inner")
+    assert len(one) == 3
+    for a, b in zip(one, ep2, strict=True):
+        assert (a["loss"], a["gnorm"], a["bsz"]) == (b["loss"], b["gnorm"], b["bsz"]), (a, b)
+
+
 @pytest.mark.parametrize("size, message", [
     ("3", "error: --moe-expert-parallel-size 3 must divide --moe-expert-count 4"),
     ("2", "error: --moe-expert-parallel-size 2 must divide the world size 1"),

@@ -152,7 +152,8 @@ def bleu(args, data_bin, run_dir):
     gen = run_dir / "gen.txt"
     run([BIN / "fairseq-generate", data_bin, "--user-dir", ROOT / "fairseq_adaptive_moe",
          "--path", run_dir / "checkpoint_last.pt", "--gen-subset", "test", "--cpu", "--beam", "5",
-         "--max-tokens", "8000", "--post-process", "sentencepiece"], log=gen)
+         "--max-tokens", "8000", "--required-batch-size-multiple", "1",
+         "--post-process", "sentencepiece"], log=gen)
     proc = subprocess.run([sys.executable, HERE / "score.py", gen, data_bin / "raw" / "test.en",
                            "--json"], capture_output=True, text=True, check=True)
     return json.loads(proc.stdout)["bleu"]

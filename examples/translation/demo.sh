@@ -40,7 +40,7 @@ train_s=$(( $(date +%s) - start ))
 gen() {  # gen NAME [fairseq-generate args...]
   local name=$1; shift
   "$bin/fairseq-generate" "$out/data-bin" --user-dir "$root/fairseq_adaptive_moe" \
-    --path "$ckpt/checkpoint_last.pt" --gen-subset test --cpu --beam 5 --max-tokens 8000 \
+    --path "$ckpt/checkpoint_last.pt" --gen-subset test --cpu --beam 5 --max-tokens 8000 --required-batch-size-multiple 1 \
     --post-process sentencepiece "$@" > "$out/gen-$GATING-$name.txt" 2> "$out/gen-$GATING-$name.log"
   echo "BLEU ($name gating, test): $("$py" "$here/score.py" "$out/gen-$GATING-$name.txt" "$out/data-bin/raw/test.en")"
 }
