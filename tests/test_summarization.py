@@ -197,7 +197,19 @@ def test_compare_runner_summarization(cnndm_bin, tmp_path):
                              "no_repeat_ngram_size": 3}
     assert runs["dense"]["rouge_top1"] is None and runs["adaptive"]["rouge_top1"] is not None
     assert runs["dense"]["flops_per_token"] < runs["adaptive"]["flops_per_token"]
-    assert runs["adaptive"]["model"]["encoder_embed_dim"] == 128
+    a = runs["adaptive"]
+    d, f, E = a["model"]["encoder_embed_dim"], a["model"]["encoder_ffn_embed_dim"], 4
+    assert (d, f) == (128, 512)
+    S, L = a["src_len"], a["ctx_len"]
+    assert 100 < S <= 122 and L < S  # articles cut at 120 pieces (+ </s>), summaries shorter
+    per_layer = {}
+    for layer, share in a["train_moe_2x_layers"].items():
+        attn = 8 * d * d + 4 * S * d if layer.startswith("enc") else \
+            (8 * d * d + 4 * L * d) + (8 * d * d + 4 * S * d)
+        per_layer[layer] = attn + (1 + share) * 4 * d * f + 2 * d * E
+    assert a["flops_per_layer"] == pytest.approx(per_layer)
+    side = lambda p: sum(v for k, v in per_layer.items() if k.startswith(p))
+    assert a["flops_per_token"] == pytest.approx((S * side("enc") + L * side("dec")) / (S + L))
     md = (out / "compare.md").read_text()
     assert "ROUGE-1/2/L" in md and "| adaptive |" in md and "paper: adaptive" not in md
     assert (out / "compare.png").stat().st_size > 1000

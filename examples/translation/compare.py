@@ -45,6 +45,11 @@ dim d, FFN dim f, E experts and L the mean training sentence length in tokens (`
   ``ept_l = 1 + moe_2x_l`` from the logged per-layer two-expert share (1 for top-1, 2 for
   top-2). For K > 2 the per-layer slots are not logged; the overall ``moe_ept`` is used instead.
 
+Summarization: articles are several times longer than their summaries, so the source length
+``S`` (the mean binarized training article, cut at ``--max-source-positions``) replaces ``L`` in
+the encoder's self-attention and in the decoder's encoder attention, and the total is the mean
+per token of an article and its summary: ``(S * encoder + L * decoder) / (S + L)``.
+
 Writes ``OUT/compare.md`` (the table, the machine and the command), ``OUT/compare.json`` and
 ``OUT/compare.png`` (BLEU, or ROUGE-L, against training time normalised to top-2, or to the
 adaptive T = 0.1 run when no top-2 run is present), and each run's logs under ``OUT/runs/NAME/``. A run whose
@@ -297,19 +302,23 @@ def is_moe_layer(index, freq):
     return freq > 0 and (index + 1) % freq == 0  # as fairseq_adaptive_moe.models.layers
 
 
-def flops_per_token(cfg, shares, ctx_len, ept=None):
+def flops_per_token(cfg, shares, ctx_len, ept=None, src_len=None):
     """Forward matmul FLOPs per (source + target) token; see the module docstring.
 
     ``shares``: per-layer two-expert share, keys ``enc<i>`` / ``dec<i>``; ``ept``: the overall
-    expert slots per token, used only when K > 2. Returns (total, {layer: flops}).
+    expert slots per token, used only when K > 2; ``src_len`` (summarization): the mean source
+    length, which the encoder and encoder attention span, and the weight of the encoder side.
+    Returns (total, {layer: flops per token of its side}).
     """
     per_layer = {}
     E = cfg["moe_expert_count"]
-    for side, n_attn in (("encoder", 1), ("decoder", 2)):
+    span = {"encoder": [ctx_len if src_len is None else src_len],
+            "decoder": [ctx_len, ctx_len if src_len is None else src_len]}
+    for side in ("encoder", "decoder"):
         d, f = cfg[f"{side}_embed_dim"], cfg[f"{side}_ffn_embed_dim"]
         for i in range(cfg[f"{side}_layers"]):
             name = f"{side[:3]}{i}"
-            attn = n_attn * (4 * 2 * d * d + 2 * 2 * ctx_len * d)
+            attn = sum(4 * 2 * d * d + 2 * 2 * length * d for length in span[side])
             if is_moe_layer(i, cfg["moe_freq"]):
                 if cfg["moe_max_experts"] <= 2 or ept is None:
                     slots = 1.0 + shares.get(name, 0.0)
@@ -319,7 +328,23 @@ def flops_per_token(cfg, shares, ctx_len, ept=None):
             else:
                 ffn = 2 * 2 * d * f
             per_layer[name] = attn + ffn
-    return sum(per_layer.values()), per_layer
+    if src_len is None:
+        return sum(per_layer.values()), per_layer
+    side_total = lambda p: sum(v for k, v in per_layer.items() if k.startswith(p))
+    return (src_len * side_total("enc") + ctx_len * side_total("dec")) / (src_len + ctx_len), per_layer
+
+
+def mean_source_length(args):
+    """Summarization: the mean binarized training article in tokens, cut where
+    ``--truncate-source`` cuts it; None for translation."""
+    if args.task_kind != "summarization":
+        return None
+    from fairseq.data import data_utils
+
+    sizes = data_utils.load_indexed_dataset(
+        str(args.data_bin / "train.source-target.source"), None).sizes
+    limit = args.max_source_positions or 1024
+    return float(sum(min(int(n), limit) for n in sizes) / len(sizes))
 
 
 def generate_child(spec_path):
@@ -421,7 +446,6 @@ def run_one(args, name, scheme, threshold):
     train_shares = layer_shares(last_train, "train")
     ctx_len = float(last_train["train_wpb"]) / float(last_train["train_bsz"])
     ept = float(last_train["train_moe_ept"]) if "train_moe_ept" in last_train else None
-    total, per_layer = flops_per_token(cfg, train_shares, ctx_len, ept)
     print(f"[{name}] trained in {steps[-1]['train_wall_s']:.1f} s; generating", flush=True)
     scores = evaluate(args, run_dir, moe=scheme != "dense")
     result = {
@@ -441,7 +465,6 @@ def run_one(args, name, scheme, threshold):
         "train_moe_2x_layers": train_shares,
         "valid_moe_2x_layers": layer_shares(last_valid, "valid"),
         "model": cfg, "ctx_len": ctx_len,
-        "flops_per_token": total, "flops_per_layer": per_layer,
     }
     marker.write_text(json.dumps(result, indent=1))
     return result
@@ -588,9 +611,14 @@ def main(argv=None) -> int:
     target = args.target_valid_loss
     if target is None:
         target = max(r["best_valid_loss"] for r in results)
+    src_len = mean_source_length(args)
     for r in results:
         first = next((v for v in r["valid"] if v["loss"] <= target), None)
         r["to_target"] = first
+        # computed here, not stored with the run, so that a reused run gets today's formula
+        r["src_len"] = src_len
+        r["flops_per_token"], r["flops_per_layer"] = flops_per_token(
+            r["model"], r["train_moe_2x_layers"], r["ctx_len"], r["train_moe_ept"], src_len)
     names = [r["name"] for r in results]
     ref_name = "top2" if "top2" in names else \
         next((r["name"] for r in results if r["scheme"] == "adaptive" and r["threshold"] == 0.1),

@@ -42,7 +42,7 @@ from fairseq.models.bart import BARTModel
 from fairseq.models.bart.model import bart_base_architecture, bart_large_architecture
 
 from ..moe import MoELayer
-from .adaptive_moe_transformer import AdaptiveMoETransformerDecoder, AdaptiveMoETransformerEncoder
+from .adaptive_moe_transformer import AdaptiveMoETransformerModel
 from .config import MoEConfig, exit_on_bad_moe_args, set_moe_defaults
 
 logger = logging.getLogger(__name__)
@@ -152,14 +152,9 @@ class AdaptiveMoEBARTModel(BARTModel):
         adaptive_moe_bart(args)  # fills what the chosen architecture left unset, checks
         return super().build_model(args, task)
 
-    @classmethod
-    def build_encoder(cls, cfg, src_dict, embed_tokens):
-        return AdaptiveMoETransformerEncoder(cfg, src_dict, embed_tokens)
-
-    @classmethod
-    def build_decoder(cls, cfg, tgt_dict, embed_tokens):
-        return AdaptiveMoETransformerDecoder(cfg, tgt_dict, embed_tokens,
-                                             no_encoder_attn=cfg.no_cross_attention)
+    # the MoE encoder and decoder of adaptive_moe_transformer
+    build_encoder = classmethod(AdaptiveMoETransformerModel.build_encoder.__func__)
+    build_decoder = classmethod(AdaptiveMoETransformerModel.build_decoder.__func__)
 
     def forward(self, src_tokens, src_lengths, prev_output_tokens, features_only: bool = False,
                 classification_head_name: Optional[str] = None,
