@@ -7,10 +7,10 @@ Its encoder and decoder are this plugin's ``AdaptiveMoETransformerEncoder/Decode
 ``--moe-freq``-th layer has an MoE FFN, and the layers' ``MoEStats`` reach the criterion in
 ``net_output[1]["moe_stats"]`` (encoder layers first).
 
-**Dense checkpoints load into it.** ``upgrade_state_dict_named`` (which fairseq runs on every
-state dict before loading it: ``--restore-file``, ``fairseq-generate --path``, the hub) turns the
-dense FFN weights of each layer that is MoE here (``encoder.layers.3.fc1.weight`` ...) into that
-layer's expert stacks:
+**Dense checkpoints load into it.** ``fairseq-train --arch adaptive_moe_bart_large
+--restore-file bart.large/model.pt --reset-optimizer ...``: ``upgrade_state_dict_named``, which
+fairseq runs on every state dict before loading it, turns the dense FFN weights of each layer that
+is MoE here (``encoder.layers.3.fc1.weight`` ...) into that layer's expert stacks:
 
 - ``--moe-init-from-dense copy`` (default): every expert is a copy of the dense FFN
   (``ExpertFFN.load_dense``, as ``adaptive-moe-upcycle`` does);
