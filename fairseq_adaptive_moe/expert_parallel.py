@@ -24,7 +24,10 @@ What fairseq gets from this module, and why:
 * **Checkpoints.** Ranks ``0..P-1`` (the first group) each save their own file, the checkpoint name
   plus ``-ep{r}`` (``checkpoint_last-ep0.pt``, ...), holding the shared parameters, their experts
   and their optimizer state. Every rank loads the file of its own shard, so resuming under the same
-  P works as usual. ``adaptive-moe-consolidate`` merges the shards (or re-shards to another P).
+  P works as usual. After loading, the ranks compare their update counts and shared parameters
+  (:func:`check_shards_agree`): shards of different steps, left by a run killed between two ranks'
+  saves, stop the run with one line. ``adaptive-moe-consolidate`` merges the shards (or re-shards
+  to another P).
 * **Launching on CPU.** fairseq's torchrun support divides by the number of GPUs; under
   ``torchrun ... fairseq-train --cpu`` the rank, world size and gloo backend are taken from
   torchrun's environment instead (:func:`configure_cpu_torchrun`).
@@ -252,6 +255,27 @@ def _clip_grad_norm_(params, max_norm, aggregate_norm_fn=None):
     return _ORIGINAL_CLIP(params, max_norm, aggregate)
 
 
+def check_shards_agree(model: torch.nn.Module, num_updates: int, filename: str) -> None:
+    """After every rank loaded its shard: all ranks must hold the same update count and the same
+    shared parameters. A run killed between two ranks' saves leaves shards of different steps;
+    loading them would train on silently mixed weights. Exits with one line instead."""
+    shared = [p.detach() for p in model.parameters() if not hasattr(p, "expert")]
+    fingerprint = torch.stack([p.double().sum() for p in shared]).sum() if shared else torch.zeros((), dtype=torch.float64)
+    mine = torch.stack([torch.tensor(float(num_updates), dtype=torch.float64, device=fingerprint.device),
+                        fingerprint])
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    if any(not torch.equal(t, every[0]) for t in every):
+        updates = [int(t[0].item()) for t in every]
+        import sys
+
+        sys.stderr.write(
+            f"error: the checkpoint shards loaded for {filename} do not belong together (updates per "
+            f"rank: {updates}; a run stopped while saving?); restore one step that every shard has, "
+            "e.g. --restore-file SAVE_DIR/checkpoint_EPOCH_UPDATES.pt\n")
+        raise SystemExit(1)
+
+
 def _install_fairseq_hooks() -> None:
     """Per-shard checkpoint names and saving ranks, and the global clipping norm (once)."""
     global _ORIGINAL_CLIP
@@ -274,6 +298,15 @@ def _install_fairseq_hooks() -> None:
             return should_save.fget(self)
         return self.data_parallel_rank < _STATE.size  # the first group holds every shard once
 
+    load = cls.load_checkpoint
+
+    def load_checkpoint(self, filename, *args, **kwargs):
+        extra_state = load(self, filename, *args, **kwargs)
+        if _STATE is not None:
+            check_shards_agree(self._model, self.get_num_updates(), filename)
+        return extra_state
+
+    cls.load_checkpoint = load_checkpoint
     cls.checkpoint_suffix = property(checkpoint_suffix, doc=suffix.__doc__)
     cls.should_save_checkpoint_on_current_rank = property(
         should_save_checkpoint_on_current_rank, doc=should_save.__doc__)

@@ -12,9 +12,11 @@ same valid loss.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -164,6 +166,81 @@ def test_stop_and_resume_under_two_ranks(runs, m30k_bin, tmp_path):
         b = model(runs["adaptive"]["root"] / "ep2" / f"checkpoint_last-ep{r}.pt")
         gap = max((a[k] - b[k]).abs().max().item() for k in a)
         assert gap <= 1e-6, (r, gap)
+
+
+def descendants(pid: int) -> list:
+    """Every live descendant of ``pid`` (Linux /proc), deepest last."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def test_kill_and_resume_under_two_ranks(runs, m30k_bin, tmp_path):
+    """SIGKILL a P=2 run once both shards of update 4 are on disk, restore that step, train on to
+    6 updates: the same parameters as the uninterrupted run."""
+    save = tmp_path / "killed"
+    flags = ["--moe-expert-parallel-size", "2", "--ddp-backend", "legacy_ddp"]
+    args = train_flags(m30k_bin, save, "adaptive", 1000, 1) + flags + [
+        "--save-interval-updates", "2", "--keep-interval-updates", "10", "--disable-validation"]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port",
+                             str(free_port()), str(BIN / "fairseq-train"), *map(str, args)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    step4 = [save / f"checkpoint_1_4-ep{r}.pt" for r in range(2)]
+    try:
+        deadline = time.time() + 240
+        while not all(p.exists() for p in step4):
+            assert proc.poll() is None, "the run ended before it was killed"
+            assert time.time() < deadline, "no step-4 checkpoint within 240 s"
+            time.sleep(0.1)
+    finally:  # torchrun starts its workers in sessions of their own: kill each process
+        for pid in descendants(proc.pid) + [proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+    resumed = torchrun(*train_flags(m30k_bin, save, "adaptive", 6, 1), *flags,
+                       "--restore-file", save / "checkpoint_1_4.pt")
+    log = resumed.stdout + resumed.stderr
+    assert "checkpoint_1_4-ep0.pt (epoch 1 @ 4 updates)" in log
+    assert [r["num_updates"] for r in records(log, "train_inner")] == ["5", "6"]
+    for r in range(2):
+        a = model(save / f"checkpoint_last-ep{r}.pt")
+        b = model(runs["adaptive"]["root"] / "ep2" / f"checkpoint_last-ep{r}.pt")
+        gap = max((a[k] - b[k]).abs().max().item() for k in a)
+        assert gap <= 1e-6, (r, gap)
+
+
+def test_shards_of_different_steps_are_refused(runs, m30k_bin, tmp_path):
+    """Shards left by a run killed between two ranks' saves: one line, no training."""
+    src = runs["adaptive"]["root"] / "ep2"
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "start-ep0.pt").write_bytes((src / "checkpoint_last-ep0.pt").read_bytes())
+    (mixed / "start-ep1.pt").write_bytes((runs["top2"]["root"] / "ep2" / "checkpoint_last-ep1.pt").read_bytes())
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(BIN / "fairseq-train"),
+                           *map(str, train_flags(m30k_bin, tmp_path / "save", "adaptive", 8, 1)),
+                           "--moe-expert-parallel-size", "2", "--ddp-backend", "legacy_ddp",
+                           "--restore-file", str(mixed / "start.pt")],
+                          env=env, text=True, capture_output=True, timeout=300)
+    assert proc.returncode != 0
+    assert "error: the checkpoint shards loaded for" in proc.stderr
+    assert '"num_updates": "7"' not in proc.stdout + proc.stderr  # it never trained
 
 
 def test_update_freq_accumulates_expert_grads_exactly(m30k_bin, tmp_path):
