@@ -178,3 +178,26 @@ def test_incremental_decoding_matches_full_decoding(trained):
     incremental = torch.cat(steps, dim=1)
     keep = prev.ne(task.target_dictionary.pad())  # padded positions differ by construction
     assert torch.allclose(full[keep], incremental[keep], atol=1e-4)
+
+
+@pytest.mark.parametrize("gating, flag, expected", [
+    ("adaptive", "auto", "single"), ("top1", "auto", "single"), ("top2", "auto", "first"),
+    ("top2", "single", "single"), ("adaptive", "first", "first"),
+])
+def test_balance_tokens_auto_gives_top2_a_balance_loss(gating, flag, expected):
+    """--moe-balance-tokens auto (the default): top-2 has no single-expert token, so it uses
+    GShard's 'first'; every other gating the paper's 'single'."""
+    from argparse import Namespace
+
+    import torch
+
+    from fairseq_adaptive_moe.models.config import MOE_DEFAULTS
+    from fairseq_adaptive_moe.models.layers import build_moe_layer
+
+    assert MOE_DEFAULTS["moe_balance_tokens"] == "auto"
+    cfg = Namespace(**{**MOE_DEFAULTS, "moe_gating": gating, "moe_balance_tokens": flag,
+                       "moe_expert_count": 4})
+    layer = build_moe_layer(cfg, 8, 16, "encoder.0")
+    assert layer.balance_tokens == expected
+    _, stats = layer(torch.randn(32, 8))
+    assert (stats.balance_loss.item() > 0) == (expected == "first" or gating != "top2")

@@ -10,6 +10,9 @@ from ..moe import GateConfigError, check_gate_config
 from .. import expert_parallel
 
 
+BALANCE_TOKENS_CHOICES = ("auto",) + BALANCE_TOKENS
+
+
 class MoEConfigError(ValueError):
     """A bad MoE option. The message names the flag."""
 
@@ -63,11 +66,13 @@ class MoEConfig(FairseqDataclass):
                           "single-expert token gets p1), or renormalized over the used experts "
                           "(GShard; they sum to 1) (default: softmax)"},
     )
-    moe_balance_tokens: ChoiceEnum(BALANCE_TOKENS) = field(
-        default="single",
+    moe_balance_tokens: ChoiceEnum(BALANCE_TOKENS_CHOICES) = field(
+        default="auto",
         metadata={"help": "tokens whose first choice counts in the balance loss's f1: single "
-                          "(the paper: tokens that used one expert) or first (GShard: every "
-                          "token) (default: single)"},
+                          "(the paper: tokens that used one expert), first (GShard: every "
+                          "token), or auto: first for --moe-gating top2 (which has no "
+                          "single-expert token, so single would switch balancing off), single "
+                          "otherwise (default: auto)"},
     )
     moe_expert_parallel_size: int = field(
         default=1,
@@ -76,6 +81,14 @@ class MoEConfig(FairseqDataclass):
                           "dropless all-to-all; P must divide the expert count and the world "
                           "size; 1 = experts replicated on every rank (default: 1)"},
     )
+
+
+def resolve_balance_tokens(cfg) -> str:
+    """``--moe-balance-tokens`` with ``auto`` resolved for ``--moe-gating``."""
+    tokens = getattr(cfg, "moe_balance_tokens", "auto")
+    if tokens == "auto":
+        return "first" if cfg.moe_gating == "top2" else "single"
+    return tokens
 
 
 MOE_DEFAULTS = {name: f.default for name, f in MoEConfig.__dataclass_fields__.items()

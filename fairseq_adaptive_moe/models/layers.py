@@ -17,6 +17,7 @@ from fairseq.modules.transformer_layer import (
 
 from .. import expert_parallel
 from ..moe import ExpertFFN, MoELayer, MoEStats, TopKGate
+from .config import resolve_balance_tokens
 
 
 def is_moe_layer(index: int, moe_freq: int) -> bool:
@@ -46,7 +47,7 @@ def build_moe_layer(cfg, embed_dim: int, ffn_dim: int, name: str) -> MoELayer:
                         first_expert=0 if ep is None else ep.rank * local)
     if ep is not None:
         expert_parallel.shard_parameters(experts, ep)
-    return MoELayer(gate, experts, name=name, balance_tokens=cfg.moe_balance_tokens,
+    return MoELayer(gate, experts, name=name, balance_tokens=resolve_balance_tokens(cfg),
                     group=None if ep is None else ep.group)
 
 
