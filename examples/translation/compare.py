@@ -341,10 +341,12 @@ def mean_source_length(args):
         return None
     from fairseq.data import data_utils
 
-    sizes = data_utils.load_indexed_dataset(
-        str(args.data_bin / "train.source-target.source"), None).sizes
+    dataset = data_utils.load_indexed_dataset(str(args.data_bin / "train.source-target.source"),
+                                              None)
+    sizes = [int(n) for n in dataset.sizes]  # read while the memory map is open
+    del dataset
     limit = args.max_source_positions or 1024
-    return float(sum(min(int(n), limit) for n in sizes) / len(sizes))
+    return float(sum(min(n, limit) for n in sizes) / len(sizes))
 
 
 def generate_child(spec_path):
