@@ -528,8 +528,11 @@ def render(args, results, target, ref_name, argv):
         f"Machine: {machine()}; {args.threads} threads per run, runs one at a time.", "",
         f"Times are training wall clock (validation excluded), normalised to `{ref_name}`. "
         f"Target valid loss: {target:.3f}. {scoring}. FLOPs: forward matmul FLOPs "
-        "per source + target token from the config and the measured routing (last training "
-        "epoch); see compare.py's docstring.", "",
+        + ("per source + target token" if results[0].get("src_len") is None else
+           f"per token, the mean over an article ({results[0]['src_len']:.1f} tokens) and its "
+           f"summary ({ref['ctx_len']:.1f})")
+        + ", from the config and the measured routing (last training epoch); see compare.py's "
+        "docstring.", "",
         "| run | T | time to N updates (s) | norm. | time to target (s, @update) | norm. | "
         f"best valid loss | {header} | 2x share train / valid | MFLOPs/token | "
         "FLOPs vs ref |",
