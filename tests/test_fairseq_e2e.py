@@ -126,7 +126,8 @@ def test_flags_have_help_text():
     text = " ".join(proc.stdout.split())
     for flag in ("--moe-gating", "--moe-threshold", "--moe-max-experts", "--moe-expert-count",
                  "--moe-freq", "--moe-capacity-factor", "--moe-eval-gating",
-                 "--moe-balance-loss-weight", "--moe-z-loss-weight"):
+                 "--moe-balance-loss-weight", "--moe-z-loss-weight", "--moe-expert-parallel-size",
+                 "--moe-balance-tokens", "--moe-init-from-dense"):
         assert flag in text
     assert "p1 - p2 <= --moe-threshold" in text
 

@@ -16,6 +16,7 @@ def moe_help_text() -> str:
     from fairseq.dataclass.utils import gen_parser_from_dataclass
 
     from ..criterions.adaptive_moe_cross_entropy import MoELossConfig
+    from ..models.adaptive_moe_bart import MoEBARTConfig
     from ..models.config import MoEConfig
     from ..tasks.adaptive_moe_translation import MoECurriculumConfig
 
@@ -23,6 +24,8 @@ def moe_help_text() -> str:
     model = parser.add_argument_group(
         "fairseq_adaptive_moe model options (--arch adaptive_moe_*, also --model-overrides)")
     gen_parser_from_dataclass(model, MoEConfig())
+    bart = parser.add_argument_group("fairseq_adaptive_moe BART options (--arch adaptive_moe_bart*)")
+    gen_parser_from_dataclass(bart, MoEBARTConfig())
     criterion = parser.add_argument_group(
         "fairseq_adaptive_moe criterion options (--criterion adaptive_moe_*)")
     gen_parser_from_dataclass(criterion, MoELossConfig())

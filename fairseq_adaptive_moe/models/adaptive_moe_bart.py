@@ -42,7 +42,7 @@ from fairseq.models.bart import BARTModel
 from fairseq.models.bart.model import bart_base_architecture, bart_large_architecture
 
 from ..moe import MoELayer
-from .adaptive_moe_transformer import AdaptiveMoETransformerModel
+from .adaptive_moe_transformer import AdaptiveMoETransformerModel, encode_decode
 from .config import MoEConfig, exit_on_bad_moe_args, set_moe_defaults
 
 logger = logging.getLogger(__name__)
@@ -163,14 +163,10 @@ class AdaptiveMoEBARTModel(BARTModel):
         """BARTModel.forward, plus the encoder's MoE stats in ``extra["moe_stats"]``."""
         if classification_head_name is not None:
             features_only = True
-        encoder_out = self.encoder(src_tokens, src_lengths=src_lengths,
-                                   token_embeddings=token_embeddings,
-                                   return_all_hiddens=return_all_hiddens)
-        x, extra = self.decoder(prev_output_tokens, encoder_out=encoder_out,
-                                features_only=features_only, alignment_layer=alignment_layer,
-                                alignment_heads=alignment_heads, src_lengths=src_lengths,
-                                return_all_hiddens=return_all_hiddens)
-        extra["moe_stats"] = encoder_out.get("moe_stats", []) + extra.get("moe_stats", [])
+        x, extra = encode_decode(self, src_tokens, src_lengths, prev_output_tokens,
+                                 return_all_hiddens, token_embeddings=token_embeddings,
+                                 features_only=features_only, alignment_layer=alignment_layer,
+                                 alignment_heads=alignment_heads)
         if classification_head_name is not None:  # the last </s> of each sentence, as BART
             sentence = x[src_tokens.eq(self.eos), :].view(x.size(0), -1, x.size(-1))[:, -1, :]
             x = self.classification_heads[classification_head_name](sentence)

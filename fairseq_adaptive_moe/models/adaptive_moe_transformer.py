@@ -221,14 +221,21 @@ class AdaptiveMoETransformerModel(TransformerModelBase):
     def forward(self, src_tokens, src_lengths, prev_output_tokens, return_all_hiddens: bool = True,
                 features_only: bool = False, alignment_layer: Optional[int] = None,
                 alignment_heads: Optional[int] = None):
-        encoder_out = self.encoder(src_tokens, src_lengths=src_lengths,
-                                   return_all_hiddens=return_all_hiddens)
-        x, extra = self.decoder(prev_output_tokens, encoder_out=encoder_out,
-                                features_only=features_only, alignment_layer=alignment_layer,
-                                alignment_heads=alignment_heads, src_lengths=src_lengths,
+        return encode_decode(self, src_tokens, src_lengths, prev_output_tokens, return_all_hiddens,
+                             features_only=features_only, alignment_layer=alignment_layer,
+                             alignment_heads=alignment_heads)
+
+
+def encode_decode(model, src_tokens, src_lengths, prev_output_tokens, return_all_hiddens: bool,
+                  token_embeddings: Optional[Tensor] = None, **decoder_kwargs):
+    """Encoder, then decoder, with every MoE layer's stats in ``extra["moe_stats"]`` (encoder
+    layers first). Shared by the encoder-decoder models of this plugin."""
+    encoder_out = model.encoder(src_tokens, src_lengths=src_lengths, token_embeddings=token_embeddings,
                                 return_all_hiddens=return_all_hiddens)
-        extra["moe_stats"] = encoder_out.get("moe_stats", []) + extra.get("moe_stats", [])
-        return x, extra
+    x, extra = model.decoder(prev_output_tokens, encoder_out=encoder_out, src_lengths=src_lengths,
+                             return_all_hiddens=return_all_hiddens, **decoder_kwargs)
+    extra["moe_stats"] = encoder_out.get("moe_stats", []) + extra.get("moe_stats", [])
+    return x, extra
 
 
 @register_model_architecture("adaptive_moe_transformer", "adaptive_moe_transformer")
