@@ -5,6 +5,7 @@ layers. Each layer's ``forward`` returns its usual outputs plus the layer's ``Mo
 encoder and decoder collect those into ``encoder_out["moe_stats"]`` / ``extra["moe_stats"]``.
 """
 
+import sys
 from typing import Dict, List, Optional
 
 import torch
@@ -39,7 +40,11 @@ def build_moe_layer(cfg, embed_dim: int, ffn_dim: int, name: str) -> MoELayer:
         combine_weights=cfg.moe_combine_weights,
     )
     activation_dropout = getattr(cfg, "activation_dropout", 0.0) or getattr(cfg, "relu_dropout", 0.0) or 0.0
-    ep = expert_parallel.setup(int(getattr(cfg, "moe_expert_parallel_size", 1) or 1))
+    try:
+        ep = expert_parallel.setup(int(getattr(cfg, "moe_expert_parallel_size", 1) or 1))
+    except expert_parallel.ExpertParallelError as e:  # e.g. a shard given to fairseq-generate
+        sys.stderr.write(f"error: {e}\n")
+        raise SystemExit(1) from None
     local = cfg.moe_expert_count if ep is None else cfg.moe_expert_count // ep.size
     experts = ExpertFFN(local, embed_dim, ffn_dim,
                         activation=str(getattr(cfg, "activation_fn", "relu")),
