@@ -91,6 +91,14 @@ class ExpertParallelError(ValueError):
     """A configuration expert parallelism cannot run; the message names the flag."""
 
 
+def parallel_size(cfg) -> int:
+    """``--moe-expert-parallel-size`` of a config or namespace; 1 where it is not set (older
+    checkpoints, models without the flag)."""
+    size = cfg.get("moe_expert_parallel_size") if isinstance(cfg, dict) else \
+        getattr(cfg, "moe_expert_parallel_size", None)
+    return 1 if size is None else int(size)
+
+
 def _world_size(args) -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
@@ -101,8 +109,7 @@ def _world_size(args) -> int:
 
 def check_args(args) -> None:
     """Raise :class:`ExpertParallelError` for a P that cannot run with these flags."""
-    size = getattr(args, "moe_expert_parallel_size", None)
-    size = 1 if size is None else int(size)
+    size = parallel_size(args)
     if size < 1:
         raise ExpertParallelError(f"--moe-expert-parallel-size must be >= 1, got {size}")
     if size == 1:
@@ -144,8 +151,7 @@ def configure_launch(args) -> None:
     rank 0 loading one file and broadcasting it.
     """
     configure_cpu_torchrun(args)
-    if int(getattr(args, "moe_expert_parallel_size", 1) or 1) > 1 \
-            and hasattr(args, "load_checkpoint_on_all_dp_ranks"):
+    if parallel_size(args) > 1 and hasattr(args, "load_checkpoint_on_all_dp_ranks"):
         args.load_checkpoint_on_all_dp_ranks = True
 
 

@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..expert_parallel import shard_suffix
+from ..expert_parallel import parallel_size, shard_suffix
 from ..moe.experts import EXPERT_PARAM_NAMES
 
 PROG = "adaptive-moe-consolidate"
@@ -109,7 +109,7 @@ def load_shards(paths: Sequence[str]) -> List[dict]:
             states.append(torch.load(path, map_location="cpu", weights_only=False))
         except Exception as e:  # noqa: BLE001  (pickle and torch raise many kinds)
             raise ConsolidateError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    sizes = [int(_get(_model_cfg(s, p), "moe_expert_parallel_size", 1) or 1) for s, p in zip(states, paths)]
+    sizes = [parallel_size(_model_cfg(s, p)) for s, p in zip(states, paths)]
     if len(set(sizes)) != 1:
         raise ConsolidateError(f"the shards disagree on --moe-expert-parallel-size: {sizes}")
     if sizes[0] != len(paths):

@@ -41,7 +41,7 @@ def build_moe_layer(cfg, embed_dim: int, ffn_dim: int, name: str) -> MoELayer:
     )
     activation_dropout = getattr(cfg, "activation_dropout", 0.0) or getattr(cfg, "relu_dropout", 0.0) or 0.0
     try:
-        ep = expert_parallel.setup(int(getattr(cfg, "moe_expert_parallel_size", 1) or 1))
+        ep = expert_parallel.setup(expert_parallel.parallel_size(cfg))
     except expert_parallel.ExpertParallelError as e:  # e.g. a shard given to fairseq-generate
         sys.stderr.write(f"error: {e}\n")
         raise SystemExit(1) from None
