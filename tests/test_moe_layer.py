@@ -235,6 +235,24 @@ def test_empty_uneven_and_single_row_groups(trim):
     assert torch.allclose(out, reference_moe(layer, x, padded), atol=1e-5)
 
 
+@pytest.mark.parametrize("policy", ["top1", "top2", "adaptive"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_accelerator_path_has_static_shapes(policy, dtype):
+    """The GPU path (static plan) must not read device values on the host: no ``.item()``,
+    ``.tolist()`` or data-dependent output shape (CUDA ``bincount``, ``nonzero``, boolean
+    indexing). Those raise on the meta device, which carries shapes only, so a whole
+    forward + backward there proves the path is free of host syncs and CUDA-graph capturable."""
+    layer = make_layer(4, 16, 32, policy).to("meta", dtype)
+    x = torch.empty(3, 5, 16, device="meta", dtype=dtype, requires_grad=True)
+    pad = torch.empty(3, 5, dtype=torch.bool, device="meta")
+    y, stats = layer(x, pad)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert not layer.apply_experts(x.view(15, 16), stats.routing)[1].trimmed
+    (y.float().sum() + stats.balance_loss + stats.z_loss).backward()
+    assert x.grad.shape == x.shape
+    assert all(p.grad is not None for p in layer.parameters())
+
+
 def test_single_token_and_all_on_one_expert():
     layer = make_layer(4, 8, 12, "adaptive")
     y, stats = layer(torch.randn(1, 8))

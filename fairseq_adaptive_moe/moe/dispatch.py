@@ -58,8 +58,12 @@ def plan(decision: RoutingDecision, trim: bool = False) -> DispatchPlan:
     row_of_slot = torch.empty_like(slot_of_row)
     row_of_slot[slot_of_row] = torch.arange(slot_of_row.numel(), device=keyed.device)
     expert_of_row = keyed[slot_of_row]
-    counts = torch.bincount(keyed, minlength=num_experts + 1)[:num_experts]
-    offsets = counts.cumsum(0).to(torch.int32)
+    # group ends by binary search in the sorted keys: static shapes, no host sync (CUDA
+    # ``bincount`` reads the max key on the host), no atomics
+    experts = torch.arange(num_experts, device=keyed.device)
+    ends = torch.searchsorted(expert_of_row, experts, right=True)
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    offsets = ends.to(torch.int32)
     if trim:
         used = int(offsets[-1])
         slot_of_row, expert_of_row = slot_of_row[:used], expert_of_row[:used]

@@ -23,6 +23,8 @@ ACTIVATIONS = {
 }
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+# devices whose grouped_mm takes bf16 only; meta mirrors CUDA (shape-only runs in tests)
+_BF16_ONLY = ("cuda", "meta")
 
 # ExpertFFN's parameters, each stacked over the experts in its first dimension
 EXPERT_PARAM_NAMES = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
@@ -32,9 +34,9 @@ def _grouped_mm_ok(x: Tensor, w: Tensor) -> bool:
     """Whether ``F.grouped_mm`` takes these operands: CPU, or CUDA bf16, 16-byte-aligned rows."""
     if not _HAS_GROUPED_MM:
         return False
-    if x.device.type == "cuda" and x.dtype != torch.bfloat16:
+    if x.device.type in _BF16_ONLY and x.dtype != torch.bfloat16:
         return False
-    if x.device.type not in ("cpu", "cuda"):
+    if x.device.type not in ("cpu",) + _BF16_ONLY:
         return False
     item = x.element_size()
     return (x.shape[-1] * item) % 16 == 0 and (w.shape[-1] * item) % 16 == 0
@@ -127,7 +129,7 @@ class ExpertFFN(nn.Module):
 
     def compute_dtype(self, x: Tensor) -> torch.dtype:
         # grouped_mm's CUDA path wants bf16: fp16 (fairseq --fp16/--amp) expert GEMMs run in bf16.
-        if x.device.type == "cuda" and x.dtype == torch.float16 and _HAS_GROUPED_MM:
+        if x.device.type in _BF16_ONLY and x.dtype == torch.float16 and _HAS_GROUPED_MM:
             return torch.bfloat16
         return x.dtype
 
