@@ -102,3 +102,30 @@ def test_correctness_guard_fails_loudly(monkeypatch, tmp_path, capsys):
     assert bench.main(["--quick", "--implementations", "ours,loop", "--out", str(out)]) == 1
     assert "correctness check failed: ours != loop" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_compiled_static_variant_in_bf16(tmp_path, capsys):
+    """ours_compiled (torch.compile of the static plan, fullgraph) matches the fp32 loop, forward
+    and backward, at every fraction; the CUDA-graph variant says why it cannot run here."""
+    out = tmp_path / "out"
+    rc = bench.main(["--quick", "--dtype", "bfloat16", "--out", str(out),
+                     "--implementations", "ours,ours_compiled,ours_graphed,loop"])
+    assert rc == 0
+    data = json.loads((out / "bench.json").read_text())
+    compiled = [r for r in data["records"] if r["impl"] == "ours_compiled"]
+    assert sorted(r["fraction"] for r in compiled) == list(bench.DEFAULT_FRACTIONS)
+    checked = {c["fraction"] for c in data["checks"] if c["impl"] == "ours_compiled"}
+    assert checked == set(bench.DEFAULT_FRACTIONS)
+    assert all(c["reference"] == "loop (fp32)" for c in data["checks"])
+    if not torch.cuda.is_available():
+        assert any(n.startswith("ours_graphed skipped: CUDA graphs need a CUDA device")
+                   for n in data["notes"])
+    assert "ours_compiled built at 256 tokens" in capsys.readouterr().out
+
+
+def test_static_variants_refuse_fp32_with_a_note(tmp_path):
+    out = tmp_path / "out"
+    assert bench.main(["--quick", "--implementations", "ours,ours_compiled", "--out", str(out)]) == 0
+    data = json.loads((out / "bench.json").read_text())
+    assert not [r for r in data["records"] if r["impl"] == "ours_compiled"]
+    assert any(n.startswith("ours_compiled skipped: needs bf16") for n in data["notes"])
