@@ -1,10 +1,13 @@
 #!/usr/bin/env python
 """Run fairseq-train in this process and time every update and every validation.
 
-    python examples/translation/timed_train.py TIMING.jsonl [fairseq-train arguments ...]
+    python examples/translation/timed_train.py [--moe-timing] TIMING.jsonl [fairseq-train arguments ...]
 
-TIMING.jsonl gets one line per update, ``{"update", "step_s", "train_wall_s"}``, and one per
-validation, ``{"update", "valid_loss", "train_wall_s"}``. ``train_wall_s`` is training wall time
+TIMING.jsonl gets one line per update, ``{"update", "step_s", "train_wall_s", "words"}``
+(``words``: target tokens in the update's batches on this rank, fairseq's ``wps`` numerator), and
+one per validation, ``{"update", "valid_loss", "train_wall_s"}``. With ``--moe-timing`` each
+update line also has ``moe_fwd_ms`` and ``moe_bwd_ms``, the time inside the MoE layers
+(``fairseq_adaptive_moe.moe.MoETimer``; on CUDA it syncs once per update to read its events). ``train_wall_s`` is training wall time
 since the first update, with validation time left out. torch uses ``OMP_NUM_THREADS`` threads
 (default 2), so runs started with the same setting are comparable. Used by ``compare.py`` and
 ``curriculum_table6.py``.
@@ -16,11 +19,16 @@ import sys
 import time
 
 
-def main(timing_path, argv):
+def main(timing_path, argv, moe_timing=False):
     import torch
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     import fairseq_cli.train as fairseq_train  # first: it sets up fairseq's log format
     import fairseq.trainer
+
+    timer = None
+    if moe_timing:
+        from fairseq_adaptive_moe.moe import MoETimer
+        timer = MoETimer().__enter__()
 
     out = open(timing_path, "w", buffering=1)
     clock = {"start": None, "valid": 0.0}
@@ -35,9 +43,13 @@ def main(timing_path, argv):
         if clock["start"] is None:
             clock["start"] = begin
         result = step(self, samples, raise_oom)
+        record = {}
+        if timer is not None:
+            record["moe_fwd_ms"], record["moe_bwd_ms"] = timer.collect()
         end = time.perf_counter()
+        words = sum(int(s["ntokens"]) for s in samples if s and "ntokens" in s)
         out.write(json.dumps({"update": self.get_num_updates(), "step_s": end - begin,
-                              "train_wall_s": train_wall(end)}) + "\n")
+                              "train_wall_s": train_wall(end), "words": words, **record}) + "\n")
         return result
 
     validate = fairseq_train.validate
@@ -57,6 +69,9 @@ def main(timing_path, argv):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit("usage: timed_train.py TIMING.jsonl [fairseq-train arguments ...]")
-    main(sys.argv[1], sys.argv[2:])
+    args = sys.argv[1:]
+    moe_timing = bool(args) and args[0] == "--moe-timing"
+    args = args[1:] if moe_timing else args
+    if not args:
+        sys.exit("usage: timed_train.py [--moe-timing] TIMING.jsonl [fairseq-train arguments ...]")
+    main(args[0], args[1:], moe_timing)

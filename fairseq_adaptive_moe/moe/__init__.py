@@ -4,9 +4,10 @@ from .experts import ExpertFFN
 from .layer import EVAL_GATING, GateConfigError, MoELayer, MoEStats, TopKGate, check_gate_config
 from .losses import BALANCE_TOKENS, balance_loss, z_loss
 from .routing import COMBINE_WEIGHTS, GATING_POLICIES, THRESHOLD_PROBS, RoutingDecision, route
+from .timing import MoETimer
 
 __all__ = [
     "BALANCE_TOKENS", "COMBINE_WEIGHTS", "EVAL_GATING", "GATING_POLICIES", "THRESHOLD_PROBS",
-    "ExpertFFN", "GateConfigError", "MoELayer", "MoEStats", "RoutingDecision", "TopKGate",
+    "ExpertFFN", "GateConfigError", "MoELayer", "MoETimer", "MoEStats", "RoutingDecision", "TopKGate",
     "balance_loss", "check_gate_config", "route", "z_loss",
 ]

@@ -1,0 +1,241 @@
+#!/usr/bin/env python
+"""End-to-end training throughput: words/s of adaptive gating against top-2, and the MoE layers'
+share of the step.
+
+Each scheme trains with identical fairseq-train flags except the gating (as in ``compare.py``),
+in its own process through ``timed_train.py --moe-timing``, one after the other:
+
+- words/s: target tokens (fairseq's ``wps`` numerator) over the summed ``Trainer.train_step``
+  wall time of the updates after the first ``--skip`` (start-up, allocator and cuDNN warm-up);
+- MoE ms per update, forward and backward, and their share of the step
+  (``fairseq_adaptive_moe.moe.MoETimer``; on CUDA one sync per update reads its events);
+- the share of tokens that took two experts, from fairseq's own ``moe_2x`` log over the same
+  updates (json ``train_inner`` records);
+- the ratio to the first scheme's words/s (top-2 by default).
+
+Adaptive gating only saves time once the gate is confident: at initialisation nearly every
+token's top two probabilities are within T of each other, so nearly all take two experts. Train
+long enough (``--max-update``, ``--skip``) that the measured window's two-expert share is the
+one training settles at; the table prints it beside every figure.
+
+    python examples/translation/throughput.py --data-bin data-bin --out tp-out --max-update 200 --skip 100
+    python examples/translation/throughput.py --data-bin data-bin --out tp-gpu --gpu \\
+        --arch adaptive_moe_transformer_wmt19_de_en --max-tokens 8192 --max-update 300 --skip 200
+
+Writes ``OUT/throughput.md``, ``OUT/throughput.json`` and each run's ``train.log`` and
+``timing.jsonl`` under ``OUT/runs/SCHEME/``. Bad input: one line on stderr, exit status 2,
+nothing written.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+USER_DIR = ROOT / "fairseq_adaptive_moe"
+TIMED_TRAIN = HERE / "timed_train.py"
+SCHEMES = ("dense", "top1", "top2", "adaptive")
+PROG = "throughput.py"
+
+
+class BadInput(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit status 2
+        raise BadInput(message)
+
+
+def parse_args(argv=None):
+    p = _Parser(prog=PROG, description=__doc__.splitlines()[0])
+    p.add_argument("--data-bin", type=Path, required=True, help="a data-bin from prepare.py")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--schemes", default="top2,adaptive",
+                   help="comma-separated, the first is the reference (top2,adaptive)")
+    p.add_argument("--threshold", type=float, default=0.1, help="adaptive threshold T (0.1)")
+    p.add_argument("--arch", default="adaptive_moe_transformer_tiny")
+    p.add_argument("--max-update", type=int, default=200)
+    p.add_argument("--skip", type=int, default=100,
+                   help="updates left out of every figure, counted from the start (100)")
+    p.add_argument("--max-tokens", type=int, default=4096)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-updates", type=int, default=100)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--gpu", action="store_true",
+                   help="train on the GPU with --fp16 (default: --cpu, fp32)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads per run (2)")
+    p.add_argument("--extra", default="", help="more fairseq-train flags, the same for every run")
+    p.add_argument("--force", action="store_true", help="overwrite an existing OUT/throughput.json")
+    return p.parse_args(argv)
+
+
+def check(args):
+    if not (args.data_bin / "dict.en.txt").exists() and not list(args.data_bin.glob("dict.*.txt")):
+        raise BadInput(f"--data-bin {args.data_bin}: no dict.*.txt (run prepare.py first)")
+    schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
+    bad = [s for s in schemes if s not in SCHEMES]
+    if bad or not schemes:
+        raise BadInput(f"--schemes: unknown {bad or schemes}; choose from {', '.join(SCHEMES)}")
+    if len(set(schemes)) != len(schemes):
+        raise BadInput(f"--schemes names a scheme twice: {args.schemes}")
+    if args.max_update < 1 or not 0 <= args.skip < args.max_update:
+        raise BadInput(f"need 0 <= --skip < --max-update, got {args.skip} and {args.max_update}")
+    if not 0 <= args.threshold <= 1:
+        raise BadInput(f"--threshold must lie in [0, 1], got {args.threshold}")
+    if (args.out / "throughput.json").exists() and not args.force:
+        raise BadInput(f"{args.out / 'throughput.json'} exists (--force to overwrite)")
+    try:
+        shlex.split(args.extra)
+    except ValueError as err:
+        raise BadInput(f"--extra: {err}")
+    return schemes
+
+
+def train_flags(args, scheme, save_dir):
+    flags = [
+        str(args.data_bin), "--user-dir", str(USER_DIR), "--task", "translation",
+        "--arch", args.arch, "--share-all-embeddings",
+        "--criterion", "adaptive_moe_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+        "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(args.lr),
+        "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(args.warmup_updates),
+        "--dropout", "0.1", "--max-tokens", str(args.max_tokens),
+        "--max-update", str(args.max_update), "--disable-validation", "--no-save",
+        "--seed", str(args.seed), "--save-dir", str(save_dir),
+        "--log-format", "json", "--log-interval", "10", "--no-progress-bar",
+    ]
+    flags += ["--fp16"] if args.gpu else ["--cpu"]
+    if scheme == "dense":
+        flags += ["--moe-freq", "0"]
+    else:
+        flags += ["--moe-gating", scheme]
+        if scheme == "adaptive":
+            flags += ["--moe-threshold", f"{args.threshold:g}"]
+    return flags + shlex.split(args.extra)
+
+
+def json_records(log: Path, tag: str):
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        if f"| {tag} | " in line:
+            try:
+                out.append(json.loads(line.split(f"| {tag} | ", 1)[1]))
+            except ValueError:
+                pass
+    return out
+
+
+def summarize(timing: Path, log: Path, skip: int) -> dict:
+    steps = [r for r in map(json.loads, timing.read_text().splitlines()) if "step_s" in r]
+    window = [r for r in steps if r["update"] > skip]
+    if not window:
+        raise RuntimeError(f"{timing}: no update after the first {skip}")
+    step_s = sum(r["step_s"] for r in window)
+    moe_fwd = sum(r.get("moe_fwd_ms", 0.0) for r in window)
+    moe_bwd = sum(r.get("moe_bwd_ms", 0.0) for r in window)
+    inner = [r for r in json_records(log, "train_inner") if int(r.get("num_updates", 0)) > skip]
+    two = [float(r["moe_2x"]) for r in inner if "moe_2x" in r]
+    return {
+        "updates": len(window),
+        "words": sum(r["words"] for r in window),
+        "words_per_s": sum(r["words"] for r in window) / step_s,
+        "step_ms": 1e3 * step_s / len(window),
+        "step_ms_median": 1e3 * statistics.median(r["step_s"] for r in window),
+        "moe_fwd_ms": moe_fwd / len(window),
+        "moe_bwd_ms": moe_bwd / len(window),
+        "moe_share": (moe_fwd + moe_bwd) / (1e3 * step_s),
+        "moe_2x": statistics.mean(two) if two else None,
+        "moe_2x_first_last": [two[0], two[-1]] if two else None,
+    }
+
+
+def device_name(gpu: bool) -> str:
+    import torch
+    if gpu:
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores ({os.environ.get('OMP_NUM_THREADS', '?')} threads), torch {torch.__version__}"
+
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def render(args, results, schemes, argv) -> str:
+    ref = results[schemes[0]]["words_per_s"]
+    lines = [
+        f"# Training throughput: {', '.join(schemes)}", "",
+        f"`python examples/translation/throughput.py {shlex.join(argv)}`", "",
+        f"Machine: {results['_machine']}. Arch `{args.arch}`, --max-tokens {args.max_tokens}, "
+        f"{'GPU --fp16' if args.gpu else 'CPU fp32'}; figures over updates {args.skip + 1}-"
+        f"{args.max_update} of each run.", "",
+        f"| scheme | words/s | vs {schemes[0]} | step ms | MoE fwd ms | MoE bwd ms | MoE share "
+        "of step | two-expert tokens |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in schemes:
+        r = results[s]
+        lines.append(
+            f"| {s}{f', T = {args.threshold:g}' if s == 'adaptive' else ''} | {r['words_per_s']:.0f} "
+            f"| {r['words_per_s'] / ref:.2f}x | {r['step_ms']:.1f} | {r['moe_fwd_ms']:.1f} "
+            f"| {r['moe_bwd_ms']:.1f} | {100 * r['moe_share']:.0f}% "
+            f"| {fmt(None if r['moe_2x'] is None else 100 * r['moe_2x'], '.1f')}% |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(argv)
+        schemes = check(args)
+    except BadInput as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(args.threads),
+               MKL_NUM_THREADS=str(args.threads))
+    results = {}
+    for s in schemes:
+        run = args.out / "runs" / s
+        run.mkdir(parents=True, exist_ok=True)
+        timing, log = run / "timing.jsonl", run / "train.log"
+        cmd = [sys.executable, str(TIMED_TRAIN), "--moe-timing", str(timing)] + train_flags(args, s, run)
+        (run / "train-command.txt").write_text(shlex.join(cmd) + "\n")
+        t0 = time.time()
+        with open(log, "w") as fh:
+            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        if proc.returncode != 0:
+            tail = (log.read_text(errors="replace").strip().splitlines() or [""])[-1]
+            print(f"{PROG}: error: {s} training failed ({proc.returncode}), see {log}: {tail}",
+                  file=sys.stderr)
+            return 1
+        results[s] = summarize(timing, log, args.skip)
+        r = results[s]
+        print(f"{s}: {r['words_per_s']:.0f} words/s, step {r['step_ms']:.1f} ms, MoE "
+              f"{100 * r['moe_share']:.0f}% of the step, two-expert {fmt(r['moe_2x'], '.3f')} "
+              f"({time.time() - t0:.0f} s)", flush=True)
+    results["_machine"] = device_name(args.gpu)
+    table = render(args, results, schemes, argv)
+    (args.out / "throughput.md").write_text(table)
+    (args.out / "throughput.json").write_text(json.dumps(
+        dict(command=argv, machine=results.pop("_machine"), schemes=schemes, runs=results,
+             ratio_to_first={s: results[s]["words_per_s"] / results[schemes[0]]["words_per_s"]
+                             for s in schemes}), indent=1))
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
