@@ -103,3 +103,23 @@ def test_missing_data_bin(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "no data-bin" in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_gpu_flag_trains_fp16_and_generates_off_cpu(m30k_bin, tmp_path):
+    args = compare.parse_args(["--data-bin", str(m30k_bin), "--out", str(tmp_path), "--gpu"])
+    compare.resolve_kind(args)
+    flags = compare.train_flags(args, "adaptive", 0.1, tmp_path / "run")
+    assert "--fp16" in flags and "--cpu" not in flags
+    assert "--cpu" not in compare.generate_argv(args, tmp_path / "c.pt", "top1")
+    args.gpu = False
+    assert "--cpu" in compare.train_flags(args, "adaptive", 0.1, tmp_path / "run")
+    assert "--cpu" in compare.generate_argv(args, tmp_path / "c.pt", "top1")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_gpu_without_cuda_is_one_line(m30k_bin, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert compare.main(["--data-bin", str(m30k_bin), "--out", str(out), "--gpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no CUDA device" in err and len(err.splitlines()) == 1
+    assert not out.exists()

@@ -136,6 +136,8 @@ def parse_args(argv=None):
     p.add_argument("--target-valid-loss", type=float, default=None,
                    help="default: the worst of the runs' best valid losses")
     p.add_argument("--threads", type=int, default=2, help="CPU threads per run (2)")
+    p.add_argument("--gpu", action="store_true",
+                   help="train with --fp16 and generate on the GPU (default: CPU, fp32)")
     p.add_argument("--beam", type=int, default=None, help="beam at test (5; summarization 4)")
     p.add_argument("--max-len-b", type=int, default=None,
                    help="fairseq-generate --max-len-b (200; summarization 140)")
@@ -192,6 +194,10 @@ def plan_runs(args):
                                           or not args.restore_file.is_file()):
         raise BadInput(f"--restore-file {args.restore_file}: " + (
             "not found" if args.task_kind == "summarization" else "summarization only"))
+    if args.gpu:
+        import torch
+        if not torch.cuda.is_available():
+            raise BadInput("--gpu: no CUDA device is available")
     for flag in ("max_update", "max_tokens", "validate_interval_updates", "threads", "beam"):
         if getattr(args, flag) < 1:
             raise BadInput(f"--{flag.replace('_', '-')} must be >= 1")
@@ -219,8 +225,9 @@ def train_flags(args, scheme, threshold, save_dir):
         return summarization_recipe().train_flags(
             args.data_bin, save_dir, scheme, threshold, args.arch, args.max_update,
             args.max_tokens, args.lr, args.warmup_updates, args.max_source_positions, args.seed,
-            args.restore_file, cpu=True, validate_interval_updates=args.validate_interval_updates,
-            extra=shlex.split(args.extra))
+            args.restore_file, cpu=not args.gpu,
+            validate_interval_updates=args.validate_interval_updates,
+            extra=(["--fp16"] if args.gpu else []) + shlex.split(args.extra))
     warmup = args.warmup_updates if args.warmup_updates is not None else \
         max(1, min(400, args.max_update // 2))
     flags = [
@@ -233,7 +240,7 @@ def train_flags(args, scheme, threshold, save_dir):
         "--max-tokens", str(args.max_tokens), "--max-update", str(args.max_update),
         "--validate-interval-updates", str(args.validate_interval_updates),
         "--validate-interval", "1000000", "--save-interval", "1000000",
-        "--no-epoch-checkpoints", "--cpu", "--seed", str(args.seed),
+        "--no-epoch-checkpoints", "--fp16" if args.gpu else "--cpu", "--seed", str(args.seed),
         "--save-dir", str(save_dir), "--log-format", "json", "--log-interval", "10",
         "--no-progress-bar",
     ]
@@ -391,11 +398,12 @@ def generate_argv(args, checkpoint, gating):
         recipe = summarization_recipe()
         record = json.loads((args.data_bin / "prepare.json").read_text()) \
             if (args.data_bin / "prepare.json").is_file() else {}
-        return recipe.generate_args(args.data_bin, checkpoint, gating, "test", record, cpu=True,
-                                    **eval_settings(args))
+        return recipe.generate_args(args.data_bin, checkpoint, gating, "test", record,
+                                    cpu=not args.gpu, **eval_settings(args))
     argv = [str(args.data_bin), "--user-dir", str(USER_DIR), "--path", str(checkpoint),
-            "--gen-subset", "test", "--cpu", "--max-tokens", "8000",
+            "--gen-subset", "test", "--max-tokens", "8000",
             "--post-process", "sentencepiece", "--required-batch-size-multiple", "1"]
+    argv += [] if args.gpu else ["--cpu"]
     # (fairseq's batch_by_size drops the last few sentences at its default multiple of 8)
     for key, value in eval_settings(args).items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
@@ -483,7 +491,11 @@ def metric_fields(args, scores):
             "score": scores["train"], "score_top1": scores.get("top1")}
 
 
-def machine():
+def machine(gpu=False):
+    if gpu:
+        import torch
+        return f"{torch.cuda.get_device_name(0)}, Python {platform.python_version()}, " \
+               f"torch {torch.__version__}"
     cpu = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
@@ -525,7 +537,9 @@ def render(args, results, target, ref_name, argv):
     lines = [
         f"# Gating schemes compared ({args.arch}, {args.max_update} updates)", "",
         f"Command: `python examples/translation/compare.py {shlex.join(argv)}`", "",
-        f"Machine: {machine()}; {args.threads} threads per run, runs one at a time.", "",
+        f"Machine: {machine(args.gpu)}; "
+        f"{'--fp16 training' if args.gpu else f'{args.threads} threads per run'}, "
+        "runs one at a time.", "",
         f"Times are training wall clock (validation excluded), normalised to `{ref_name}`. "
         f"Target valid loss: {target:.3f}. {scoring}. FLOPs: forward matmul FLOPs "
         + ("per source + target token" if results[0].get("src_len") is None else
@@ -632,10 +646,14 @@ def main(argv=None) -> int:
     (args.out / "compare.md").write_text(report)
     (args.out / "compare.json").write_text(json.dumps({
         "args": {k: str(v) for k, v in vars(args).items()}, "argv": argv,
-        "machine": machine(), "target_valid_loss": target, "reference": ref_name,
+        "machine": machine(args.gpu), "gpu": args.gpu, "target_valid_loss": target,
+        "reference": ref_name,
         "paper_table3_wmt19_de_en": PAPER if args.task_kind == "translation" else None,
         "runs": results}, indent=1))
-    plot(results, ref_name, args.out / "compare.png")
+    try:
+        plot(results, ref_name, args.out / "compare.png")
+    except ImportError:  # e.g. a bare GPU host: compare.md and compare.json are the record
+        print("note: matplotlib is not installed: no compare.png")
     print(report)
     return 0
 

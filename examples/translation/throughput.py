@@ -157,7 +157,7 @@ def summarize(timing: Path, log: Path, skip: int) -> dict:
     }
 
 
-def device_name(gpu: bool) -> str:
+def device_name(gpu: bool, threads: int) -> str:
     import torch
     if gpu:
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
@@ -167,7 +167,7 @@ def device_name(gpu: bool) -> str:
             cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores ({os.environ.get('OMP_NUM_THREADS', '?')} threads), torch {torch.__version__}"
+    return f"{cpu}, {os.cpu_count()} cores, {threads} threads per run, torch {torch.__version__}"
 
 
 def fmt(v, spec):
@@ -226,7 +226,7 @@ def main(argv=None) -> int:
         print(f"{s}: {r['words_per_s']:.0f} words/s, step {r['step_ms']:.1f} ms, MoE "
               f"{100 * r['moe_share']:.0f}% of the step, two-expert {fmt(r['moe_2x'], '.3f')} "
               f"({time.time() - t0:.0f} s)", flush=True)
-    results["_machine"] = device_name(args.gpu)
+    results["_machine"] = device_name(args.gpu, args.threads)
     table = render(args, results, schemes, argv)
     (args.out / "throughput.md").write_text(table)
     (args.out / "throughput.json").write_text(json.dumps(

@@ -773,8 +773,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "bench.json", "w", encoding="utf-8") as fh:
         json.dump(dict(meta=meta, records=records, checks=checks, notes=notes), fh, indent=1)
-    plot(records, meta, out / "bench.png")
-    print(f"wrote {out / 'bench.json'} and {out / 'bench.png'} ({meta['wall_s']:.1f} s)")
+    wrote = [out / "bench.json"]
+    try:
+        plot(records, meta, out / "bench.png")
+        wrote.append(out / "bench.png")
+    except ImportError:  # e.g. a bare GPU host: the JSON and the table are the record
+        print("note: matplotlib is not installed: no bench.png")
+    print(f"wrote {' and '.join(map(str, wrote))} ({meta['wall_s']:.1f} s)")
     return 0
 
 
