@@ -253,6 +253,37 @@ def test_accelerator_path_has_static_shapes(policy, dtype):
     assert all(p.grad is not None for p in layer.parameters())
 
 
+def test_autocast_leaves_gate_and_experts_in_their_own_precision():
+    """fairseq --amp wraps the model in autocast; the gate must stay fp32 (a bf16 gate linear
+    moves logits by ~6e-3, enough to flip threshold decisions) and the CPU experts exact."""
+    layer = make_layer(4, 16, 32, "adaptive")
+    x = torch.randn(20, 16)
+    y, stats = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_amp, stats_amp = layer(x)
+    assert y_amp.dtype == torch.float32
+    assert torch.equal(stats_amp.routing.logits, stats.routing.logits)
+    assert torch.equal(y_amp, y)
+
+
+def test_gpu_amp_runs_experts_in_bf16_on_the_static_path(monkeypatch):
+    """Under CUDA fp16 autocast (--amp) fp32 activations take bf16 grouped_mm, not the
+    per-expert fallback with its host reads. Checked on meta (mirrors CUDA) with autocast
+    reported on, since this machine may have no CUDA."""
+    real_enabled, real_dtype = torch.is_autocast_enabled, torch.get_autocast_dtype
+    monkeypatch.setattr(torch, "is_autocast_enabled",
+                        lambda *a: True if a == ("cuda",) else real_enabled(*a))
+    monkeypatch.setattr(torch, "get_autocast_dtype",
+                        lambda d: torch.float16 if d == "cuda" else real_dtype(d))
+    layer = make_layer(4, 16, 32, "adaptive").to("meta")
+    x = torch.empty(15, 16, device="meta", requires_grad=True)
+    assert layer.experts.compute_dtype(x) == torch.bfloat16
+    y, stats = layer(x)
+    assert y.dtype == torch.float32
+    (y.sum() + stats.balance_loss).backward()
+    assert layer.experts.fc1_weight.grad.shape == layer.experts.fc1_weight.shape
+
+
 def test_single_token_and_all_on_one_expert():
     layer = make_layer(4, 8, 12, "adaptive")
     y, stats = layer(torch.randn(1, 8))

@@ -3,6 +3,7 @@
 Legend: (E) local experts, (N) rows sorted by expert, (C) model dim, (F) FFN dim.
 """
 
+import contextlib
 import math
 from typing import Optional
 
@@ -28,6 +29,22 @@ _BF16_ONLY = ("cuda", "meta")
 
 # ExpertFFN's parameters, each stacked over the experts in its first dimension
 EXPERT_PARAM_NAMES = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
+
+
+def autocast_off(device_type: str):
+    """The MoE layer chooses its own precisions (fp32 gate, bf16 or input-dtype expert GEMMs);
+    fairseq's ``--amp`` autocast would otherwise run the gate linear in fp16 and could recast
+    the bf16 ``grouped_mm`` operands."""
+    if device_type not in ("cpu", "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def _autocast_half(device_type: str) -> bool:
+    """Whether the caller runs under fp16/bf16 autocast on this device (``--amp``)."""
+    device_type = "cuda" if device_type == "meta" else device_type  # meta mirrors CUDA (tests)
+    return (device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+            and torch.get_autocast_dtype(device_type) in (torch.float16, torch.bfloat16))
 
 
 def _grouped_mm_ok(x: Tensor, w: Tensor) -> bool:
@@ -128,19 +145,23 @@ class ExpertFFN(nn.Module):
             self.fc2_bias[e].copy_(fc2.bias)
 
     def compute_dtype(self, x: Tensor) -> torch.dtype:
-        # grouped_mm's CUDA path wants bf16: fp16 (fairseq --fp16/--amp) expert GEMMs run in bf16.
-        if x.device.type in _BF16_ONLY and x.dtype == torch.float16 and _HAS_GROUPED_MM:
+        """grouped_mm's CUDA path wants bf16, so expert GEMMs run in bf16 under fairseq's
+        ``--fp16`` (fp16 inputs) and ``--amp`` (fp16/bf16 autocast around fp32 inputs); otherwise
+        in the input's dtype (exact fp32 on CPU)."""
+        if x.device.type in _BF16_ONLY and _HAS_GROUPED_MM and (
+                x.dtype == torch.float16 or (x.dtype == torch.float32 and _autocast_half(x.device.type))):
             return torch.bfloat16
         return x.dtype
 
     def forward(self, rows: Tensor, plan) -> Tensor:
         """(N, C) expert-sorted rows -> (N, C); rows of unused slots (static plans) are 0."""
         dtype = self.compute_dtype(rows)
-        w1, b1 = self.fc1_weight.to(dtype), self.fc1_bias.to(dtype)
-        h = grouped_linear(*with_bias_column(rows.to(dtype), w1, b1), plan)
-        h = self.activation_fn(h)
-        h = F.dropout(h, p=self.activation_dropout, training=self.training)
-        out = grouped_linear(h, self.fc2_weight.to(dtype), plan, self.fc2_bias.to(dtype))
+        with autocast_off(rows.device.type):
+            w1, b1 = self.fc1_weight.to(dtype), self.fc1_bias.to(dtype)
+            h = grouped_linear(*with_bias_column(rows.to(dtype), w1, b1), plan)
+            h = self.activation_fn(h)
+            h = F.dropout(h, p=self.activation_dropout, training=self.training)
+            out = grouped_linear(h, self.fc2_weight.to(dtype), plan, self.fc2_bias.to(dtype))
         return out.to(rows.dtype)
 
     def extra_repr(self) -> str:

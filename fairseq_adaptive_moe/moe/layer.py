@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import dispatch
-from .experts import ExpertFFN
+from .experts import ExpertFFN, autocast_off
 from .losses import BALANCE_TOKENS, balance_loss, z_loss
 from .parallel import expert_parallel_exchange
 from .routing import COMBINE_WEIGHTS, GATING_POLICIES, THRESHOLD_PROBS, RoutingDecision, route
@@ -89,7 +89,8 @@ class TopKGate(nn.Module):
         return max(1, math.ceil(self.capacity_factor * num_tokens / self.num_experts))
 
     def forward(self, x: Tensor, token_mask: Optional[Tensor] = None) -> RoutingDecision:
-        logits = nn.functional.linear(x.float(), self.wg.weight.float())  # (S, E) fp32
+        with autocast_off(x.device.type):  # fp32 also under --amp
+            logits = nn.functional.linear(x.float(), self.wg.weight.float())  # (S, E) fp32
         return route(logits, self.active_policy(), self.threshold, self.max_experts, token_mask,
                      self.threshold_probs, self.combine_weights, self.capacity(x.shape[0]))
 
