@@ -132,6 +132,10 @@ def parse_args(argv=None):
     p.add_argument("--max-source-positions", type=int, default=None,
                    help="summarization: --truncate-source cuts articles there")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds: every run once per seed (named RUN-sSEED), each "
+                        "normalised to the reference run of its own seed, plus a mean ± sd table "
+                        "over the seeds (default: --seed alone)")
     p.add_argument("--validate-interval-updates", type=int, default=100)
     p.add_argument("--target-valid-loss", type=float, default=None,
                    help="default: the worst of the runs' best valid losses")
@@ -220,11 +224,24 @@ def plan_runs(args):
     return runs
 
 
-def train_flags(args, scheme, threshold, save_dir):
+def parse_seeds(args):
+    if args.seeds is None:
+        return [args.seed]
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise BadInput(f"--seeds {args.seeds!r}: not a comma-separated list of integers")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise BadInput(f"--seeds {args.seeds!r}: needs distinct seeds")
+    return seeds
+
+
+def train_flags(args, scheme, threshold, save_dir, seed=None):
+    seed = args.seed if seed is None else seed
     if args.task_kind == "summarization":
         return summarization_recipe().train_flags(
             args.data_bin, save_dir, scheme, threshold, args.arch, args.max_update,
-            args.max_tokens, args.lr, args.warmup_updates, args.max_source_positions, args.seed,
+            args.max_tokens, args.lr, args.warmup_updates, args.max_source_positions, seed,
             args.restore_file, cpu=not args.gpu,
             validate_interval_updates=args.validate_interval_updates,
             extra=(["--fp16"] if args.gpu else []) + shlex.split(args.extra))
@@ -240,7 +257,7 @@ def train_flags(args, scheme, threshold, save_dir):
         "--max-tokens", str(args.max_tokens), "--max-update", str(args.max_update),
         "--validate-interval-updates", str(args.validate_interval_updates),
         "--validate-interval", "1000000", "--save-interval", "1000000",
-        "--no-epoch-checkpoints", "--fp16" if args.gpu else "--cpu", "--seed", str(args.seed),
+        "--no-epoch-checkpoints", "--fp16" if args.gpu else "--cpu", "--seed", str(seed),
         "--save-dir", str(save_dir), "--log-format", "json", "--log-interval", "10",
         "--no-progress-bar",
     ]
@@ -423,17 +440,18 @@ def evaluate(args, run_dir, moe):
     return {name: score(args, run_dir / f"gen-{name}.txt") for name in evals}
 
 
-def run_one(args, name, scheme, threshold):
+def run_one(args, name, scheme, threshold, seed=None, base=None):
+    seed = args.seed if seed is None else seed
     run_dir = args.out / "runs" / name
     marker = run_dir / "result.json"
-    flags = train_flags(args, scheme, threshold, run_dir)
+    flags = train_flags(args, scheme, threshold, run_dir, seed)
     command = shlex.join(["fairseq-train"] + flags)
     if marker.is_file() and not args.force:
         prev = json.loads(marker.read_text())
         if prev.get("command") == command and prev.get("eval") == eval_settings(args) \
                 and prev.get("threads") == args.threads:
             print(f"[{name}] complete, reused ({marker})", flush=True)
-            return prev
+            return dict(prev, seed=seed, base=base or name)
         print(f"[{name}] settings changed: rerunning", flush=True)
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -459,7 +477,8 @@ def run_one(args, name, scheme, threshold):
     print(f"[{name}] trained in {steps[-1]['train_wall_s']:.1f} s; generating", flush=True)
     scores = evaluate(args, run_dir, moe=scheme != "dense")
     result = {
-        "name": name, "scheme": scheme, "threshold": threshold, "command": command,
+        "name": name, "base": base or name, "seed": seed, "scheme": scheme,
+        "threshold": threshold, "command": command,
         "eval": eval_settings(args), "threads": args.threads, "task_kind": args.task_kind,
         "updates": steps[-1]["update"], "epochs": int(last_train.get("epoch", 0)),
         "train_wall_s": steps[-1]["train_wall_s"], "process_wall_s": process_wall,
@@ -531,8 +550,51 @@ def quality(args):
             f"BLEU: sacreBLEU on `{reference(args)}`, {settings}")
 
 
+def add_ratios(results, ref_name):
+    """Each run against the reference run of its own seed: ``time_vs_ref``, ``to_target_vs_ref``
+    (None when either never reached the target), ``flops_vs_ref``."""
+    for r in results:
+        ref = next(x for x in results if x["base"] == ref_name and x["seed"] == r["seed"])
+        r["time_vs_ref"] = r["train_wall_s"] / ref["train_wall_s"]
+        r["flops_vs_ref"] = r["flops_per_token"] / ref["flops_per_token"]
+        r["to_target_vs_ref"] = None if r["to_target"] is None or ref["to_target"] is None else \
+            r["to_target"]["train_wall_s"] / ref["to_target"]["train_wall_s"]
+
+
+def mean_sd(values, spec):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return format(mean, spec)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{format(mean, spec)} ± {format(sd, spec)}"
+
+
+def seed_summary(args, results, ref_name):
+    """Markdown lines: mean ± sd over the seeds, one row per run name."""
+    seeds = sorted({r["seed"] for r in results})
+    metric = results[0]["metric"]
+    lines = ["", f"Mean ± sd over seeds {', '.join(map(str, seeds))} (times and FLOPs against "
+             f"`{ref_name}` of the same seed):", "",
+             f"| run | T | {metric} | {metric} top-1 eval | time to N updates vs ref | time to "
+             "target vs ref | 2x share train | FLOPs vs ref |", "|---|---|---|---|---|---|---|---|"]
+    for base in dict.fromkeys(r["base"] for r in results):
+        rs = [r for r in results if r["base"] == base]
+        lines.append(
+            f"| {base} | {fmt(rs[0]['threshold'], 'g')} | {mean_sd([r['score'] for r in rs], '.2f')} "
+            f"| {mean_sd([r['score_top1'] for r in rs], '.2f')} "
+            f"| {mean_sd([r['time_vs_ref'] for r in rs], '.2f')} "
+            f"| {mean_sd([r['to_target_vs_ref'] for r in rs], '.2f')} "
+            f"({sum(r['to_target_vs_ref'] is not None for r in rs)}/{len(rs)} reached) "
+            f"| {mean_sd([r['train_moe_2x'] for r in rs], '.3f')} "
+            f"| {mean_sd([r['flops_vs_ref'] for r in rs], '.2f')} |")
+    return lines
+
+
 def render(args, results, target, ref_name, argv):
-    ref = next(r for r in results if r["name"] == ref_name)
+    ref = next(r for r in results if r["base"] == ref_name)
     header, cells, scoring = quality(args)
     lines = [
         f"# Gating schemes compared ({args.arch}, {args.max_update} updates)", "",
@@ -540,7 +602,8 @@ def render(args, results, target, ref_name, argv):
         f"Machine: {machine(args.gpu)}; "
         f"{'--fp16 training' if args.gpu else f'{args.threads} threads per run'}, "
         "runs one at a time.", "",
-        f"Times are training wall clock (validation excluded), normalised to `{ref_name}`. "
+        f"Times are training wall clock (validation excluded), normalised to `{ref_name}`"
+        f"{' of the same seed' if len({r['seed'] for r in results}) > 1 else ''}. "
         f"Target valid loss: {target:.3f}. {scoring}. FLOPs: forward matmul FLOPs "
         + ("per source + target token" if results[0].get("src_len") is None else
            f"per token, the mean over an article ({results[0]['src_len']:.1f} tokens) and its "
@@ -555,20 +618,21 @@ def render(args, results, target, ref_name, argv):
     for r in results:
         tt = r["to_target"]
         tt_s = "n/a" if tt is None else f"{tt['train_wall_s']:.1f} (@{tt['update']})"
-        tt_n = "n/a" if tt is None or ref["to_target"] is None else \
-            f"{tt['train_wall_s'] / ref['to_target']['train_wall_s']:.2f}x"
+        tt_n = fmt(r["to_target_vs_ref"], ".2f", "n/a") + ("x" if r["to_target_vs_ref"] else "")
         share = f"{fmt(r['train_moe_2x'], '.3f')} / {fmt(r['valid_moe_2x'], '.3f')}"
         lines.append(
             f"| {r['name']} | {fmt(r['threshold'], 'g')} | {r['train_wall_s']:.1f} | "
-            f"{r['train_wall_s'] / ref['train_wall_s']:.2f}x | {tt_s} | {tt_n} | "
+            f"{r['time_vs_ref']:.2f}x | {tt_s} | {tt_n} | "
             f"{r['best_valid_loss']:.3f} | {cells(r)} | "
             f"{share} | {r['flops_per_token'] / 1e6:.3f} | "
-            f"{r['flops_per_token'] / ref['flops_per_token']:.2f}x |")
+            f"{r['flops_vs_ref']:.2f}x |")
     for p in PAPER if args.task_kind == "translation" else ():
         lines.append(f"| {p['name']} | | | {p['time']} | | | | {p['bleu']} | | | | |")
     if args.task_kind == "summarization":
         lines += ["", "The paper's Table 3 also reports CNN/DailyMail with BART-large on GPUs; "
                   "this small CPU run is not comparable to it and its numbers are not copied here."]
+    if len({r["seed"] for r in results}) > 1:
+        lines += seed_summary(args, results, ref_name)
     lines += ["", "Per-layer two-expert share (last training epoch):", "",
               "| run | " + " | ".join(sorted({k for r in results for k in r["train_moe_2x_layers"]}))
               + " |"]
@@ -590,10 +654,9 @@ def plot(results, ref_name, path):
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq's import logs at DEBUG
     import matplotlib.pyplot as plt
 
-    ref = next(r for r in results if r["name"] == ref_name)
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in results:
-        x = r["train_wall_s"] / ref["train_wall_s"]
+        x = r["time_vs_ref"]
         ax.scatter([x], [r["score"]], s=40)
         ax.annotate(r["name"], (x, r["score"]), textcoords="offset points", xytext=(4, 4),
                     fontsize=8)
@@ -613,6 +676,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         runs = plan_runs(args)
+        seeds = parse_seeds(args)
     except BadInput as e:
         print(f"compare.py: {e}", file=sys.stderr)
         return 2
@@ -621,8 +685,10 @@ def main(argv=None) -> int:
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
     results = []
     try:
-        for name, scheme, threshold in runs:
-            results.append(run_one(args, name, scheme, threshold))
+        for seed in seeds:
+            for name, scheme, threshold in runs:
+                run = f"{name}-s{seed}" if len(seeds) > 1 else name
+                results.append(run_one(args, run, scheme, threshold, seed, name))
     except RuntimeError as e:
         print(f"compare.py: {e}", file=sys.stderr)
         return 1
@@ -638,10 +704,11 @@ def main(argv=None) -> int:
         r["src_len"] = src_len
         r["flops_per_token"], r["flops_per_layer"] = flops_per_token(
             r["model"], r["train_moe_2x_layers"], r["ctx_len"], r["train_moe_ept"], src_len)
-    names = [r["name"] for r in results]
+    names = [r["base"] for r in results]
     ref_name = "top2" if "top2" in names else \
-        next((r["name"] for r in results if r["scheme"] == "adaptive" and r["threshold"] == 0.1),
+        next((r["base"] for r in results if r["scheme"] == "adaptive" and r["threshold"] == 0.1),
              names[0])
+    add_ratios(results, ref_name)
     report = render(args, results, target, ref_name, argv)
     (args.out / "compare.md").write_text(report)
     (args.out / "compare.json").write_text(json.dumps({
