@@ -75,10 +75,32 @@ def grouped_linear(rows: Tensor, weight: Tensor, plan, bias: Optional[Tensor] = 
         parts = [r @ w for r, w in zip(rows[:used].split(sizes), weight.unbind(0))]
         out = torch.cat(parts + [rows.new_zeros(rows.shape[0] - used, weight.shape[-1])])
     if bias is not None:
-        out = out + bias.index_select(0, plan.expert_of_row.clamp_max(bias.shape[0] - 1))
+        out = _AddExpertBias.apply(out, bias, plan.expert_of_row.clamp_max(bias.shape[0] - 1))
     if plan.trimmed:
         return out
     return torch.where(plan.valid_row.unsqueeze(-1), out, out.new_zeros(()))
+
+
+class _AddExpertBias(torch.autograd.Function):
+    """``out + bias[expert_of_row]``, with the bias gradient summed in fp32.
+
+    Each expert's bias gradient sums thousands of rows. Summed in bf16, as autograd's
+    ``index_select`` backward would do under ``--fp16``, it keeps few of its bits."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, bias: Tensor, index: Tensor) -> Tensor:
+        ctx.save_for_backward(index)
+        ctx.bias_shape, ctx.bias_dtype = bias.shape, bias.dtype
+        return out + bias.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (index,) = ctx.saved_tensors
+        grad_bias = None
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad.new_zeros(ctx.bias_shape, dtype=torch.float32).index_add_(
+                0, index, grad.float()).to(ctx.bias_dtype)
+        return grad, grad_bias, None
 
 
 def with_bias_column(rows: Tensor, weight: Tensor, bias: Tensor):
