@@ -261,13 +261,15 @@ def train_flags(args, scheme, threshold, save_dir, seed=None):
         "--save-dir", str(save_dir), "--log-format", "json", "--log-interval", "10",
         "--no-progress-bar",
     ]
+    return flags + scheme_flags(scheme, threshold) + shlex.split(args.extra)
+
+
+def scheme_flags(scheme, threshold):
+    """The fairseq-train flags that select a scheme; every other flag is shared."""
     if scheme == "dense":
-        flags += ["--moe-freq", "0"]
-    else:
-        flags += ["--moe-gating", scheme]
-        if scheme == "adaptive":
-            flags += ["--moe-threshold", f"{threshold:g}"]
-    return flags + shlex.split(args.extra)
+        return ["--moe-freq", "0"]  # no MoE layer, same code path
+    flags = ["--moe-gating", scheme]
+    return flags + (["--moe-threshold", f"{threshold:g}"] if scheme == "adaptive" else [])
 
 
 def env_for(args):

@@ -28,6 +28,7 @@ nothing written.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -42,8 +43,18 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 USER_DIR = ROOT / "fairseq_adaptive_moe"
 TIMED_TRAIN = HERE / "timed_train.py"
-SCHEMES = ("dense", "top1", "top2", "adaptive")
 PROG = "throughput.py"
+
+
+def _load_compare():
+    spec = importlib.util.spec_from_file_location("compare", HERE / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+compare = _load_compare()  # the sibling runner: scheme flags, fairseq json log records
+SCHEMES = compare.SCHEMES
 
 
 class BadInput(Exception):
@@ -113,24 +124,7 @@ def train_flags(args, scheme, save_dir):
         "--log-format", "json", "--log-interval", "10", "--no-progress-bar",
     ]
     flags += ["--fp16"] if args.gpu else ["--cpu"]
-    if scheme == "dense":
-        flags += ["--moe-freq", "0"]
-    else:
-        flags += ["--moe-gating", scheme]
-        if scheme == "adaptive":
-            flags += ["--moe-threshold", f"{args.threshold:g}"]
-    return flags + shlex.split(args.extra)
-
-
-def json_records(log: Path, tag: str):
-    out = []
-    for line in log.read_text(errors="replace").splitlines():
-        if f"| {tag} | " in line:
-            try:
-                out.append(json.loads(line.split(f"| {tag} | ", 1)[1]))
-            except ValueError:
-                pass
-    return out
+    return flags + compare.scheme_flags(scheme, args.threshold) + shlex.split(args.extra)
 
 
 def summarize(timing: Path, log: Path, skip: int) -> dict:
@@ -141,7 +135,7 @@ def summarize(timing: Path, log: Path, skip: int) -> dict:
     step_s = sum(r["step_s"] for r in window)
     moe_fwd = sum(r.get("moe_fwd_ms", 0.0) for r in window)
     moe_bwd = sum(r.get("moe_bwd_ms", 0.0) for r in window)
-    inner = [r for r in json_records(log, "train_inner") if int(r.get("num_updates", 0)) > skip]
+    inner = [r for r in compare.records(log, "train_inner") if int(r.get("num_updates", 0)) > skip]
     two = [float(r["moe_2x"]) for r in inner if "moe_2x" in r]
     return {
         "updates": len(window),
@@ -204,8 +198,7 @@ def main(argv=None) -> int:
     except BadInput as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(args.threads),
-               MKL_NUM_THREADS=str(args.threads))
+    env = compare.env_for(args)
     results = {}
     for s in schemes:
         run = args.out / "runs" / s

@@ -32,8 +32,6 @@ import contextlib
 import copy
 import json
 import logging
-import math
-import os
 import platform
 import random
 import shlex

@@ -4,7 +4,6 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 
