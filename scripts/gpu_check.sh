@@ -4,7 +4,8 @@
 #   source .whl/device-install.sh .whl && bash scripts/gpu_check.sh "$OUT" [STAGE ...]
 #
 # (.whl from ../shared/tools/device-wheels.sh; carry .whl and the data-bins the stages read.)
-# Stages, in order (default: bench throughput compiled):
+# Stages, in order (default: bench throughput, about 6 minutes after the 3-minute install, so that
+# one 600 s device call holds them; run compiled, then compare, in further calls while warm):
 #   bench       adaptive-moe-bench --device cuda: paper shape, 4k/16k/64k tokens, every
 #               implementation but ours_compiled                          -> OUT/bench/
 #   throughput  fairseq-train words/s, top2 vs adaptive (T = 0.1), with the MoE share of the
@@ -22,7 +23,7 @@ set -uo pipefail
 out=${1:?usage: gpu_check.sh OUT_DIR [bench|throughput|compiled|compare ...]}
 shift
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(bench throughput compiled)
+[ ${#stages[@]} -gt 0 ] || stages=(bench throughput)
 mkdir -p "$out"
 py=${PYTHON:-python3}
 cpu=${CPU:-0}
@@ -49,7 +50,7 @@ else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
   bench_dev=(--device cuda) bench_tokens=(--tokens 4096,16384)
   tp_args=(--gpu --arch adaptive_moe_transformer_wmt19_de_en --max-tokens 8192
-           --max-update "${TP_UPDATES:-160}" --skip "${TP_SKIP:-80}" --lr 5e-4 --warmup-updates 100)
+           --max-update "${TP_UPDATES:-120}" --skip "${TP_SKIP:-60}" --lr 5e-4 --warmup-updates 100)
   tp_data=${TP_DATA:-data-bin/wmt-news}
   cmp_args=(--gpu --arch adaptive_moe_transformer_small --max-update "${CMP_UPDATES:-1500}"
             --validate-interval-updates 250 --max-tokens 8192 --lr 1e-3)
@@ -66,13 +67,13 @@ summary=()
 for s in "${stages[@]}"; do
   case $s in
     bench)
-      stage bench "${LIMIT_BENCH:-240}" "$py" -m fairseq_adaptive_moe.cli.bench "${bench_dev[@]}" \
+      stage bench "${LIMIT_BENCH:-150}" "$py" -m fairseq_adaptive_moe.cli.bench "${bench_dev[@]}" \
         --implementations ours,ours_graphed,loop,padded_einsum,fairscale,dense --out "$out/bench" ;;
     throughput)
-      stage throughput "${LIMIT_THROUGHPUT:-300}" "$py" examples/translation/throughput.py \
+      stage throughput "${LIMIT_THROUGHPUT:-240}" "$py" examples/translation/throughput.py \
         --data-bin "$tp_data" --out "$out/throughput" "${tp_args[@]}" ;;
     compiled)
-      stage compiled "${LIMIT_COMPILED:-180}" "$py" -m fairseq_adaptive_moe.cli.bench "${bench_dev[@]}" \
+      stage compiled "${LIMIT_COMPILED:-150}" "$py" -m fairseq_adaptive_moe.cli.bench "${bench_dev[@]}" \
         "${bench_tokens[@]}" "${compiled_dtype[@]}" --implementations ours,ours_compiled \
         --out "$out/bench-compiled" ;;
     compare)
