@@ -13,11 +13,12 @@ What fairseq gets from this module, and why:
   c10d/pytorch_ddp would average the different shards of a group's ranks as if they were one
   tensor (and fairseq's c10d wrapper cannot run on CPU at all: it passes ``device_ids``);
   fully_sharded and slowmo shard or average differently again.
-  Their gradient is instead summed over the replica group and divided by W inside the backward
-  pass (a hook on each expert parameter). fairseq divides shared gradients by W the same way
-  (DDP averages, then the trainer multiplies by ``W / sample_size``), so every parameter ends
-  with ``sum of per-token gradients / sample_size``, as in one process. The hook runs on every
-  backward, which is exact under ``--update-freq`` (the sum is linear).
+  Their gradient is instead summed over the replica group and divided by W, right after
+  legacy_ddp's own reduction of the shared gradients (its ``all_reduce_grads``, which the trainer
+  calls once per update, after the last ``--update-freq`` micro-batch), in one coalesced
+  all-reduce. fairseq divides shared gradients by W the same way (DDP averages, then the trainer
+  multiplies by ``W / sample_size``), so every parameter ends with ``sum of per-token gradients /
+  sample_size``, as in one process.
 * **Clipping.** fairseq's ``clip_grad_norm_`` leaves ``expert`` gradients out of the norm. While
   expert parallelism is active it is wrapped so that the norm is the true global one,
   ``sqrt(|shared|^2 + sum over the P shards of |local experts|^2)``, the same on every rank.
@@ -45,6 +46,7 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -223,17 +225,30 @@ def setup(size: int) -> Optional[ExpertParallelState]:
 
 
 def shard_parameters(module: torch.nn.Module, state: ExpertParallelState) -> None:
-    """Tag a module's parameters as expert-sharded (fairseq's ``param.expert``) and reduce their
-    gradients over the replica group, divided by the world size, in the backward pass."""
-    def reduce_over_replicas(grad):
-        grad = grad.clone()
-        if state.replica_group is not None:
-            dist.all_reduce(grad, group=state.replica_group)
-        return grad.div_(state.world)
-
+    """Tag a module's parameters as expert-sharded (fairseq's ``param.expert``): legacy_ddp leaves
+    them alone and :func:`reduce_expert_grads` reduces them once per update."""
     for p in module.parameters():
         p.expert = True
-        p.register_hook(reduce_over_replicas)
+
+
+def reduce_expert_grads(module: torch.nn.Module, state: ExpertParallelState) -> None:
+    """Sum the ``expert`` gradients over the replica group (one coalesced all-reduce) and divide
+    them by the world size. Every rank passes the same parameters in the same order; a gradient
+    that is missing (an expert no token reached) counts as zero, as legacy_ddp does."""
+    params = [p for p in module.parameters() if p.requires_grad and hasattr(p, "expert")]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    if not grads:
+        return
+    if state.replica_group is not None:
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=state.replica_group)
+        for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(reduced)
+    for g in grads:
+        g.div_(state.world)
 
 
 _ORIGINAL_CLIP = None
@@ -283,7 +298,8 @@ def check_shards_agree(model: torch.nn.Module, num_updates: int, filename: str) 
 
 
 def _install_fairseq_hooks() -> None:
-    """Per-shard checkpoint names and saving ranks, and the global clipping norm (once)."""
+    """Per-shard checkpoint names and saving ranks, the global clipping norm and the expert
+    gradient reduction (once)."""
     global _ORIGINAL_CLIP
     if _ORIGINAL_CLIP is not None:
         return
@@ -291,6 +307,17 @@ def _install_fairseq_hooks() -> None:
 
     _ORIGINAL_CLIP = utils.clip_grad_norm_
     utils.clip_grad_norm_ = _clip_grad_norm_
+
+    from fairseq.distributed import LegacyDistributedDataParallel as legacy_ddp
+
+    reduce_shared = legacy_ddp.all_reduce_grads
+
+    def all_reduce_grads(self):
+        reduce_shared(self)
+        if _STATE is not None and not self.accumulate_grads:  # accumulate_grads: inside no_sync
+            reduce_expert_grads(self.module, _STATE)
+
+    legacy_ddp.all_reduce_grads = all_reduce_grads
 
     cls = trainer.Trainer
     suffix, should_save = cls.checkpoint_suffix, cls.should_save_checkpoint_on_current_rank

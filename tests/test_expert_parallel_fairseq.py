@@ -244,8 +244,9 @@ def test_shards_of_different_steps_are_refused(runs, m30k_bin, tmp_path):
 
 
 def test_update_freq_accumulates_expert_grads_exactly(m30k_bin, tmp_path):
-    """Expert gradients are reduced in every backward pass; with --update-freq 2 under P=2 the
-    accumulated update must still equal one process with --update-freq 4."""
+    """Expert gradients are reduced once per update, after the last micro-batch; with
+    --update-freq 2 under P=2 the accumulated update must still equal one process with
+    --update-freq 4."""
     single = run_cli("fairseq-train", *train_flags(m30k_bin, tmp_path / "one", "adaptive", 3, 4))
     sharded = torchrun(*train_flags(m30k_bin, tmp_path / "ep2", "adaptive", 3, 2),
                        "--moe-expert-parallel-size", "2", "--ddp-backend", "legacy_ddp")
@@ -320,3 +321,26 @@ def test_consolidate_refuses_bad_input(runs, tmp_path):
     proc = run_cli("adaptive-moe-consolidate", mixed / "c.pt", "--out", tmp_path / "m.pt", check=False)
     assert proc.returncode == 2 and "differs between" in proc.stderr, proc.stderr
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_replicated_shards_match_one_process(m30k_bin, tmp_path):
+    """Four ranks, P = 2: two expert-parallel groups, each shard held by two replicas whose expert
+    gradients are summed across the replica group; with --update-freq 2 the accumulated update
+    must equal one process with --update-freq 8, parameters included."""
+    single = run_cli("fairseq-train", *train_flags(m30k_bin, tmp_path / "one", "adaptive", 3, 8),
+                     "--ddp-backend", "legacy_ddp")
+    sharded = torchrun(*train_flags(m30k_bin, tmp_path / "ep", "adaptive", 3, 2),
+                       "--moe-expert-parallel-size", "2", "--ddp-backend", "legacy_ddp", nproc=4,
+                       timeout=600)
+    one = records(single.stdout + single.stderr, "train_inner")
+    ep = records(sharded.stdout + sharded.stderr, "train_inner")
+    assert len(one) == 3
+    for a, b in zip(one, ep, strict=True):
+        assert (a["loss"], a["gnorm"], a["bsz"], a["moe_2x"]) == \
+            (b["loss"], b["gnorm"], b["bsz"], b["moe_2x"]), (a, b)
+    assert sorted(p.name for p in (tmp_path / "ep").glob("checkpoint_last*.pt")) == \
+        ["checkpoint_last-ep0.pt", "checkpoint_last-ep1.pt"]  # one copy of each shard
+    consolidate(tmp_path / "ep" / "checkpoint_last.pt", "--out", tmp_path / "merged.pt")
+    reference, merged = model(tmp_path / "one" / "checkpoint_last.pt"), model(tmp_path / "merged.pt")
+    gap = max((reference[k] - merged[k]).abs().max().item() for k in reference)
+    assert gap <= TOL_PARAM, gap
