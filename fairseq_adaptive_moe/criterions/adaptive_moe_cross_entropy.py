@@ -60,7 +60,7 @@ class MoECriterionMixin:
         aux = aux.to(net_output[0].device) * sample_size
         log = moe_logging_output(stats)
         if stats:
-            log["moe_loss"] = aux.detach().item()
+            log["moe_loss"] = aux.detach()  # read at reduce time (reduce_moe_metrics)
         return aux, log
 
     def forward(self, model, sample, reduce=True):

@@ -11,6 +11,10 @@ per layer), ``moe_ept`` (expert slots per token: 1.0 = top-1 compute, 2.0 = top-
 ``moe_dropped`` (share of wanted slots dropped by a capacity limit; only with a capacity factor),
 ``moe_a2a_mb`` (expert parallelism: MB of token rows all ranks sent to other ranks' experts per
 update, forward; the backward pass sends as many gradient rows back).
+
+The per-layer sums stay on the device as 0-d tensors in the logging output: reading them in the
+forward would stop the host between forward and backward on a GPU. :func:`reduce_moe_metrics`
+reads them once per step, in one transfer.
 """
 
 from typing import Dict, List, Sequence
@@ -39,8 +43,8 @@ def short_name(name: str) -> str:
     return {"encoder": "enc", "decoder": "dec"}.get(part, part) + index
 
 
-def moe_logging_output(stats: Sequence[MoEStats]) -> Dict[str, float]:
-    """Per-layer sums for a logging output, read from the device in one transfer."""
+def moe_logging_output(stats: Sequence[MoEStats]) -> Dict[str, object]:
+    """Per-layer sums for a logging output: 0-d tensors on the stats' device (no host sync)."""
     if not stats:
         return {}
     rows = []
@@ -50,8 +54,8 @@ def moe_logging_output(stats: Sequence[MoEStats]) -> Dict[str, float]:
             s.num_tokens.float(), s.num_multi.float(), load.sum(),
             load.max() * load.numel(), s.dropped_slots.float(),
         ]))
-    values = torch.stack(rows).tolist()
-    out: Dict[str, float] = {}
+    values = torch.stack(rows)  # (layers, 5), read at reduce time
+    out: Dict[str, object] = {}
     for s, (tokens, multi, slots, max_load_x_e, dropped) in zip(stats, values):
         n = short_name(s.name)
         out[f"moe_tokens_{n}"] = tokens
@@ -65,10 +69,25 @@ def moe_logging_output(stats: Sequence[MoEStats]) -> Dict[str, float]:
     return out
 
 
+def _totals(logging_outputs: List[Dict], keys: Sequence[str]) -> Dict[str, float]:
+    """Each key summed over the logging outputs, as floats; device tensors read in one transfer."""
+    sums = [sum(log.get(k, 0) for log in logging_outputs) for k in keys]
+    tensors = [i for i, v in enumerate(sums) if torch.is_tensor(v)]
+    if tensors:
+        read = torch.stack([sums[i].detach().double().reshape(()) for i in tensors]).tolist()
+        for i, v in zip(tensors, read):
+            sums[i] = v
+    return {k: float(v) for k, v in zip(keys, sums)}
+
+
 def reduce_moe_metrics(logging_outputs: List[Dict], sample_size: float) -> None:
     """Log the MoE metrics of a list of logging outputs (see the module docstring)."""
+    keys = sorted({k for log in logging_outputs for k in log if k.startswith("moe_")})
+    totals = _totals(logging_outputs, keys)
+    sample_size = float(sample_size)
+
     def total(key):
-        return sum(log.get(key, 0) for log in logging_outputs)
+        return totals.get(key, 0.0)
 
     if any("moe_a2a_bytes" in log for log in logging_outputs):
         metrics.log_scalar("moe_a2a_mb", total("moe_a2a_bytes") / 1e6, round=3)
