@@ -30,8 +30,6 @@ nothing written.
 import argparse
 import importlib.util
 import json
-import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -151,19 +149,6 @@ def summarize(timing: Path, log: Path, skip: int) -> dict:
     }
 
 
-def device_name(gpu: bool, threads: int) -> str:
-    import torch
-    if gpu:
-        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {threads} threads per run, torch {torch.__version__}"
-
-
 def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
@@ -219,7 +204,8 @@ def main(argv=None) -> int:
         print(f"{s}: {r['words_per_s']:.0f} words/s, step {r['step_ms']:.1f} ms, MoE "
               f"{100 * r['moe_share']:.0f}% of the step, two-expert {fmt(r['moe_2x'], '.3f')} "
               f"({time.time() - t0:.0f} s)", flush=True)
-    results["_machine"] = device_name(args.gpu, args.threads)
+    results["_machine"] = compare.machine(args.gpu) + ("" if args.gpu else
+                                                       f"; {args.threads} threads per run")
     table = render(args, results, schemes, argv)
     (args.out / "throughput.md").write_text(table)
     (args.out / "throughput.json").write_text(json.dumps(
