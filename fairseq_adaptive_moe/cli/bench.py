@@ -40,7 +40,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -448,6 +448,12 @@ def build_fairscale(dim, ffn, num_experts, dtype, device):
     return fn, list(layer.parameters())
 
 
+def differences(a: Tensor, b: Tensor) -> Tuple[float, float]:
+    """(max abs difference, relative Frobenius error ``|a - b| / |b|``) of a against b."""
+    delta = a.float() - b.float()
+    return float(delta.abs().max()), float(delta.norm()) / (float(b.float().norm()) or 1.0)
+
+
 def close_enough(a: Tensor, b: Tensor, dtype: torch.dtype) -> bool:
     """``a`` (computed in ``dtype``) against the fp32 reference ``b``.
 
@@ -459,7 +465,7 @@ def close_enough(a: Tensor, b: Tensor, dtype: torch.dtype) -> bool:
     if dtype == torch.float32:
         scale = float(b.abs().max()) or 1.0
         return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-4 * scale))
-    return float((a - b).norm()) <= 2e-2 * (float(b.norm()) or 1.0)
+    return differences(a, b)[1] <= 2e-2
 
 
 def run_tokens(cfg: dict, num_tokens: int, device: torch.device, notes: List[str],
@@ -553,17 +559,15 @@ def run_tokens(cfg: dict, num_tokens: int, device: torch.device, notes: List[str
             if impl not in cfg["implementations"] or (impl == "padded_einsum" and not padded_fits(d)):
                 continue
             got = output_and_grads(make(d))
-            diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(got, ref))
-            rel = max(float((a.float() - b.float()).norm()) / (float(b.norm()) or 1.0)
-                      for a, b in zip(got, ref))
+            errors = [differences(a, b) for a, b in zip(got, ref)]
             checks.append(dict(impl=impl, reference="loop (fp32)", tokens=num_tokens, fraction=f,
-                               max_abs_diff=diff, max_rel_err=rel))
-            for what, a, b in zip(names, got, ref):
+                               max_abs_diff=max(e[0] for e in errors),
+                               max_rel_err=max(e[1] for e in errors)))
+            for what, a, b, (diff, rel) in zip(names, got, ref, errors):
                 if not close_enough(a, b, dtype):
                     raise AssertionError(
                         f"correctness check failed: {impl} != loop ({what}) at tokens {num_tokens}, "
-                        f"f={f} (max abs diff {float((a.float() - b.float()).abs().max()):.3g}, "
-                        f"relative error {float((a.float() - b.float()).norm()) / (float(b.norm()) or 1.0):.3g})")
+                        f"f={f} (max abs diff {diff:.3g}, relative error {rel:.3g})")
 
     records = []
     for impl in cfg["implementations"]:
