@@ -23,6 +23,7 @@ def test_quick_run_records_every_implementation_and_fraction(quick_run):
     assert data["meta"]["command"].startswith("adaptive-moe-bench --device cpu --quick")
     for key in ("machine", "torch", "dtype", "cpu_threads", "experts", "dim", "ffn"):
         assert data["meta"][key]
+    assert data["meta"]["cpu_block_mib"] == 16
     seen = {(r["impl"], r["fraction"]) for r in records}
     for impl in ("ours", "loop", "padded_einsum", "dense"):
         for f in bench.DEFAULT_FRACTIONS:
@@ -75,6 +76,7 @@ def test_top2_crafted_decision_equals_top2_routing():
     ["--warmup", "-1"],
     ["--implementations", "ours,nope"],
     ["--dtype", "int8"],
+    ["--cpu-block-mib", "-1"],
     ["--no-such-flag"],
 ])
 def test_bad_flags_exit_2_and_write_nothing(argv, tmp_path, capsys):

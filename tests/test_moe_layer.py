@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fairseq_adaptive_moe.moe import dispatch
 from fairseq_adaptive_moe.moe import (
     ExpertFFN, GateConfigError, MoELayer, TopKGate, balance_loss, route, z_loss,
 )
@@ -233,6 +234,32 @@ def test_empty_uneven_and_single_row_groups(trim):
     assert p.num_rows == (10 if trim else 18)
     assert out[5:].abs().sum() == 0
     assert torch.allclose(out, reference_moe(layer, x, padded), atol=1e-5)
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 18])
+def test_cpu_row_blocks_equal_the_reference(block, monkeypatch):
+    """Blocks of 1, 3 and 7 rows cut groups in their middle and leave groups out of whole blocks;
+    18 rows is all of them in one block."""
+    layer = make_layer(6, 8, 12, "top2")
+    layer.experts.cpu_block_bytes = block * 12 * 4  # (block, F) fp32 activations
+    x = torch.randn(9, 8, requires_grad=True)
+    logits = torch.full((9, 6), -10.0)
+    logits[:8, 2], logits[:8, 5] = 10.0, 9.0  # groups of 1, 0, 8, 0, 1, 8 rows
+    logits[8, 4], logits[8, 0] = 10.0, 5.0
+    decision = route(logits, "top2")
+    cut = []
+    row_block = dispatch.DispatchPlan.row_block
+    monkeypatch.setattr(dispatch.DispatchPlan, "row_block",
+                        lambda self, a, b: cut.append((a, b)) or row_block(self, a, b))
+    y, p, _ = layer.apply_experts(x, decision, trim=True)
+    assert layer.experts.block_rows(x, p) == block
+    assert cut == ([] if block >= 18 else [(a, min(a + block, 18)) for a in range(0, 18, block)])
+    ref = reference_moe(layer, x, decision)
+    assert torch.allclose(y, ref, atol=1e-5)
+    g = torch.randn_like(y)
+    params = [x] + list(layer.experts.parameters())
+    for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(ref, params, g)):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 @pytest.mark.parametrize("policy", ["top1", "top2", "adaptive"])

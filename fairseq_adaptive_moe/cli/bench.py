@@ -352,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None, help="timed iterations per case (median)")
     p.add_argument("--implementations", default=",".join(IMPLEMENTATIONS),
                    help="comma-separated subset of " + ",".join(IMPLEMENTATIONS))
+    p.add_argument("--cpu-block-mib", type=int, default=ExpertFFN.cpu_block_bytes >> 20,
+                   help="on CPU, compute the experts in row blocks of at most this many MiB of "
+                        "FFN activations (0: one block)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, inputs and routes")
     p.add_argument("--out", default="bench-out", help="directory for bench.json and bench.png")
     return p
@@ -381,6 +384,9 @@ def resolve_config(args) -> dict:
     if bad or not fractions:
         raise BadFlag(f"--fractions must lie in [0, 1], got {bad or fractions}")
     preset["fractions"] = sorted(set(fractions) | {0.0})
+    if args.cpu_block_mib < 0:
+        raise BadFlag(f"--cpu-block-mib must be >= 0, got {args.cpu_block_mib}")
+    preset["cpu_block_bytes"] = args.cpu_block_mib << 20
     impls = [v for v in args.implementations.replace(",", " ").split()]
     unknown = [v for v in impls if v not in IMPLEMENTATIONS]
     if unknown or not impls:
@@ -477,6 +483,7 @@ def run_tokens(cfg: dict, num_tokens: int, device: torch.device, notes: List[str
     torch.manual_seed(cfg["seed"])
     layer = MoELayer(TopKGate(dim, num_experts, policy="adaptive", threshold=THRESHOLD),
                      ExpertFFN(num_experts, dim, ffn, seed=cfg["seed"])).to(device=device, dtype=dtype)
+    layer.experts.cpu_block_bytes = cfg["cpu_block_bytes"]
     moe_params = list(layer.parameters())
     gate_weight = layer.gate.wg.weight
     x = torch.randn(num_tokens, dim, device=device, dtype=dtype, requires_grad=True)
@@ -736,7 +743,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cpu_threads=torch.get_num_threads(), dtype=cfg["dtype"], experts=cfg["experts"],
         dim=cfg["dim"], ffn=cfg["ffn"], tokens=cfg["tokens"], fractions=cfg["fractions"],
         warmup=cfg["warmup"], repeats=cfg["repeats"], implementations=cfg["implementations"],
-        seed=cfg["seed"], threshold=THRESHOLD, paper_table1=PAPER_TABLE1,
+        cpu_block_mib=args.cpu_block_mib, seed=cfg["seed"], threshold=THRESHOLD,
+        paper_table1=PAPER_TABLE1,
         timing="median; forward with autograd recording; fwd+bwd = forward + backward(grad)",
         started=time.strftime("%Y-%m-%d %H:%M:%S"),
     )

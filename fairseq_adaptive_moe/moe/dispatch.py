@@ -49,6 +49,18 @@ class DispatchPlan:
     def token_of_row(self) -> Tensor:
         return self.slot_of_row // self.slots_per_token
 
+    def row_block(self, start: int, stop: int) -> "DispatchPlan":
+        """The sorted rows [start, stop) of a trimmed plan as a plan of their own, for computing
+        the experts block by block: group ends shifted and clipped to the block (static, no host
+        read). Its ``row_of_slot`` is empty: a block is for expert compute, not for combining."""
+        assert self.trimmed, "row blocks are cut from trimmed plans"
+        ends = self.offsets.long().clamp(start, stop) - start
+        expert_of_row = self.expert_of_row[start:stop]
+        return DispatchPlan(self.slot_of_row[start:stop], self.row_of_slot.new_empty(0),
+                            expert_of_row, self.valid_row[start:stop],
+                            torch.diff(ends, prepend=ends.new_zeros(1)), ends.to(torch.int32),
+                            self.slots_per_token, True)
+
 
 def plan(decision: RoutingDecision, trim: bool = False) -> DispatchPlan:
     num_experts = decision.num_experts

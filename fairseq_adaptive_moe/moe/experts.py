@@ -103,18 +103,28 @@ class _AddExpertBias(torch.autograd.Function):
         return grad, grad_bias, None
 
 
-def with_bias_column(rows: Tensor, weight: Tensor, bias: Tensor):
-    """``x @ W + b == [x, 1] @ [W; b]``: fold a per-expert bias into the grouped GEMM.
+def _bias_columns(width: int, element_size: int) -> int:
+    """Columns appended to fold a bias into a GEMM: a ones column, then zeros that keep the rows
+    16-byte aligned for ``grouped_mm``."""
+    align = max(1, 16 // element_size)
+    return 1 + (-(width + 1)) % align
 
-    Saves materialising and adding an (N, Cout) bias tensor; the appended columns are padded
-    with zeros to keep rows 16-byte aligned for ``grouped_mm``.
-    """
-    align = max(1, 16 // rows.element_size())
-    extra = 1 + (-(rows.shape[1] + 1)) % align
+
+def fold_bias(weight: Tensor, bias: Tensor) -> Tensor:
+    """(E, Cin, Cout) and (E, Cout) -> [W; b; 0] (E, Cin + extra, Cout), so that
+    ``x @ W + b == append_ones(x) @ fold_bias(W, b)``. Saves materialising and adding an
+    (N, Cout) bias tensor."""
+    extra = _bias_columns(weight.shape[1], weight.element_size())
+    zeros = weight.new_zeros(weight.shape[0], extra - 1, weight.shape[2])
+    return torch.cat([weight, bias.unsqueeze(1), zeros], 1)
+
+
+def append_ones(rows: Tensor) -> Tensor:
+    """(N, Cin) -> [x, 1, 0] (N, Cin + extra), the rows that go with ``fold_bias``."""
+    extra = _bias_columns(rows.shape[1], rows.element_size())
     ones = rows.new_zeros(rows.shape[0], extra)
     ones[:, 0] = 1
-    zeros = weight.new_zeros(weight.shape[0], extra - 1, weight.shape[2])
-    return torch.cat([rows, ones], 1), torch.cat([weight, bias.unsqueeze(1), zeros], 1)
+    return torch.cat([rows, ones], 1)
 
 
 class ExpertFFN(nn.Module):
@@ -125,7 +135,12 @@ class ExpertFFN(nn.Module):
     Each expert is initialised like ``nn.Linear`` from its own generator seeded by ``seed`` and
     its global index (``first_expert + e``), so an expert's initial weights do not depend on how
     the experts are sharded over ranks.
+
+    On CPU the rows are computed in blocks of at most ``cpu_block_bytes`` of activations (see
+    ``block_rows``; 0 turns blocking off).
     """
+
+    cpu_block_bytes = 16 * 2**20
 
     def __init__(self, num_experts: int, embed_dim: int, ffn_dim: int, activation: str = "relu",
                  activation_dropout: float = 0.0, first_expert: int = 0,
@@ -175,15 +190,34 @@ class ExpertFFN(nn.Module):
             return torch.bfloat16
         return x.dtype
 
+    def block_rows(self, rows: Tensor, plan) -> int:
+        """Rows per block on CPU (trimmed plans): each block's (rows, F) activations stay under
+        ``cpu_block_bytes``. glibc's allocator hands blocks of 32 MiB and more back to the OS
+        when freed, so every fresh activation that large page-faults again, and it does not fit
+        in cache either; computing the experts in row blocks avoids both."""
+        if rows.device.type != "cpu" or not plan.trimmed or not self.cpu_block_bytes:
+            return rows.shape[0]
+        return max(1, self.cpu_block_bytes // (self.ffn_dim * rows.element_size()))
+
     def forward(self, rows: Tensor, plan) -> Tensor:
         """(N, C) expert-sorted rows -> (N, C); rows of unused slots (static plans) are 0."""
         dtype = self.compute_dtype(rows)
         with autocast_off(rows.device.type):
-            w1, b1 = self.fc1_weight.to(dtype), self.fc1_bias.to(dtype)
-            h = grouped_linear(*with_bias_column(rows.to(dtype), w1, b1), plan)
-            h = self.activation_fn(h)
-            h = F.dropout(h, p=self.activation_dropout, training=self.training)
-            out = grouped_linear(h, self.fc2_weight.to(dtype), plan, self.fc2_bias.to(dtype))
+            x = rows.to(dtype)
+            w1 = fold_bias(self.fc1_weight.to(dtype), self.fc1_bias.to(dtype))
+            w2, b2 = self.fc2_weight.to(dtype), self.fc2_bias.to(dtype)
+
+            def ffn(block: Tensor, p) -> Tensor:
+                h = self.activation_fn(grouped_linear(append_ones(block), w1, p))
+                h = F.dropout(h, p=self.activation_dropout, training=self.training)
+                return grouped_linear(h, w2, p, b2)
+
+            n, step = x.shape[0], self.block_rows(x, plan)
+            if step >= n:
+                out = ffn(x, plan)
+            else:
+                out = torch.cat([ffn(x[a:a + step], plan.row_block(a, min(a + step, n)))
+                                 for a in range(0, n, step)])
         return out.to(rows.dtype)
 
     def extra_repr(self) -> str:
