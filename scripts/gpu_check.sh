@@ -68,7 +68,7 @@ for s in "${stages[@]}"; do
   case $s in
     bench)
       stage bench "${LIMIT_BENCH:-150}" "$py" -m fairseq_adaptive_moe.cli.bench "${bench_dev[@]}" \
-        --implementations ours,ours_graphed,loop,padded_einsum,fairscale,dense --out "$out/bench" ;;
+        --implementations ours,ours_trimmed,ours_graphed,loop,padded_einsum,fairscale,dense --out "$out/bench" ;;
     throughput)
       stage throughput "${LIMIT_THROUGHPUT:-240}" "$py" examples/translation/throughput.py \
         --data-bin "$tp_data" --out "$out/throughput" "${tp_args[@]}" ;;

@@ -29,6 +29,8 @@ def test_quick_run_records_every_implementation_and_fraction(quick_run):
         for f in bench.DEFAULT_FRACTIONS:
             assert (impl, f) in seen, (impl, f)
     assert ("fairscale", 0.0) in seen  # top-2 only
+    assert not [r for r in records if r["impl"] == "ours_trimmed"]  # CPU: ours already trims
+    assert any(n.startswith("ours_trimmed not timed") for n in data["notes"])
     for r in records:
         assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0
         assert r["fwd_tflops"] > 0 and r["fwdbwd_tflops"] > 0
@@ -131,3 +133,15 @@ def test_static_variants_refuse_fp32_with_a_note(tmp_path):
     data = json.loads((out / "bench.json").read_text())
     assert not [r for r in data["records"] if r["impl"] == "ours_compiled"]
     assert any(n.startswith("ours_compiled skipped: needs bf16") for n in data["notes"])
+
+
+def test_trimmed_plan_when_listed(tmp_path):
+    """ours_trimmed (the plan that cuts rows to the used slots; the default on CPU, a host read
+    on the GPU) is checked against the fp32 loop and timed at every fraction when listed."""
+    out = tmp_path / "out"
+    assert bench.main(["--quick", "--implementations", "ours,ours_trimmed,loop", "--out", str(out)]) == 0
+    data = json.loads((out / "bench.json").read_text())
+    timed = sorted(r["fraction"] for r in data["records"] if r["impl"] == "ours_trimmed")
+    assert timed == list(bench.DEFAULT_FRACTIONS)
+    checked = {c["fraction"] for c in data["checks"] if c["impl"] == "ours_trimmed"}
+    assert checked == set(bench.DEFAULT_FRACTIONS)

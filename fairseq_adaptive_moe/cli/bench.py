@@ -50,8 +50,8 @@ from torch import Tensor
 from ..moe import ExpertFFN, MoELayer, RoutingDecision, TopKGate, route
 
 PROG = "adaptive-moe-bench"
-IMPLEMENTATIONS = ("ours", "ours_compiled", "ours_graphed", "loop", "padded_einsum", "fairscale",
-                   "dense")
+IMPLEMENTATIONS = ("ours", "ours_trimmed", "ours_compiled", "ours_graphed", "loop", "padded_einsum",
+                   "fairscale", "dense")
 STATIC_VARIANTS = ("ours_compiled", "ours_graphed")
 DEFAULT_FRACTIONS = (0.0, 0.2, 0.5, 0.8, 1.0)
 # Paper Table 1 (A100): fwd+bwd time relative to top-2 at each single-expert fraction.
@@ -350,8 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameter and activation dtype (default: float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations per case")
     p.add_argument("--repeats", type=int, default=None, help="timed iterations per case (median)")
-    p.add_argument("--implementations", default=",".join(IMPLEMENTATIONS),
-                   help="comma-separated subset of " + ",".join(IMPLEMENTATIONS))
+    p.add_argument("--implementations", default=None,
+                   help="comma-separated subset of " + ",".join(IMPLEMENTATIONS) + " (default: all; "
+                        "ours_trimmed only on cuda, since on cpu ours already trims its rows)")
     p.add_argument("--cpu-block-mib", type=int, default=ExpertFFN.cpu_block_bytes >> 20,
                    help="on CPU, compute the experts in row blocks of at most this many MiB of "
                         "FFN activations (0: one block)")
@@ -387,7 +388,10 @@ def resolve_config(args) -> dict:
     if args.cpu_block_mib < 0:
         raise BadFlag(f"--cpu-block-mib must be >= 0, got {args.cpu_block_mib}")
     preset["cpu_block_bytes"] = args.cpu_block_mib << 20
-    impls = [v for v in args.implementations.replace(",", " ").split()]
+    if args.implementations is None:
+        impls = [v for v in IMPLEMENTATIONS if not (v == "ours_trimmed" and args.device == "cpu")]
+    else:
+        impls = args.implementations.replace(",", " ").split()
     unknown = [v for v in impls if v not in IMPLEMENTATIONS]
     if unknown or not impls:
         raise BadFlag(f"--implementations: unknown {unknown or impls}; expected {IMPLEMENTATIONS}")
@@ -494,6 +498,9 @@ def run_tokens(cfg: dict, num_tokens: int, device: torch.device, notes: List[str
     def ours(d):
         return lambda inp: layer.apply_experts(inp, live_gate(inp, gate_weight, d))[0]
 
+    def trimmed(d):  # rows cut to the used slots after one host read of their count
+        return lambda inp: layer.apply_experts(inp, live_gate(inp, gate_weight, d), trim=True)[0]
+
     # compiled / CUDA-graph variants: built (and run once, fwd+bwd) per token count
     static_fns: Dict[str, Callable[..., Tensor]] = {}
     first = decisions[fractions[0]]
@@ -560,7 +567,7 @@ def run_tokens(cfg: dict, num_tokens: int, device: torch.device, notes: List[str
     for f, d in decisions.items():
         ref = output_and_grads(lambda inp: loop_moe(inp, live_gate(inp, ref_gate, d), ref_experts),
                                ref_x, ref_params, grad.float())
-        fast = [("ours", ours), ("padded_einsum", padded)]
+        fast = [("ours", ours), ("ours_trimmed", trimmed), ("padded_einsum", padded)]
         fast += [(impl, lambda dd, i=impl: static(i, dd)) for impl in static_fns]
         for impl, make in fast:
             if impl not in cfg["implementations"] or (impl == "padded_einsum" and not padded_fits(d)):
@@ -604,6 +611,8 @@ def run_tokens(cfg: dict, num_tokens: int, device: torch.device, notes: List[str
             rows = 2 * num_tokens - n_single
             if impl == "ours":
                 cases[f] = Case(ours(d), x, grad, moe_params, rows)
+            elif impl == "ours_trimmed":
+                cases[f] = Case(trimmed(d), x, grad, moe_params, rows)
             elif impl in STATIC_VARIANTS:
                 if impl not in static_fns:
                     break
@@ -756,6 +765,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sys.stdout.flush()
 
     notes: List[str] = []
+    if args.implementations is None and args.device == "cpu":
+        notes.append("ours_trimmed not timed: on CPU, ours already cuts its rows to the used slots")
     checks: List[dict] = []
     records: List[dict] = []
     t0 = time.perf_counter()
