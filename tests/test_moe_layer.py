@@ -262,6 +262,46 @@ def test_cpu_row_blocks_equal_the_reference(block, monkeypatch):
         assert torch.allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="needs torch.nn.functional.grouped_mm")
+def test_static_plan_never_reads_rows_grouped_mm_leaves_uninitialised(monkeypatch):
+    """grouped_mm leaves the rows past the last group end uninitialised (garbage on CUDA). Here
+    they are NaN, in the forward outputs and in the backward's input gradients: the layer's
+    output and every gradient must still equal the reference."""
+    real = F.grouped_mm
+
+    class Poisoned(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b, offs):
+            ctx.save_for_backward(a, b, offs)
+            out = real(a, b, offs=offs)
+            out[int(offs[-1]):] = float("nan")
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            a, b, offs = ctx.saved_tensors
+            grad_a = real(grad.contiguous(), b.transpose(-2, -1).contiguous(), offs=offs)
+            grad_a[int(offs[-1]):] = float("nan")
+            return grad_a, real(a.t(), grad.contiguous(), offs=offs), None
+
+    monkeypatch.setattr(F, "grouped_mm", lambda a, b, offs=None: Poisoned.apply(a, b, offs))
+    layer = make_layer(5, 8, 12, "adaptive", threshold=0.15)
+    x = torch.randn(37, 8, requires_grad=True)
+    mask = torch.ones(37, dtype=torch.bool)
+    mask[[3, 20]] = False
+    decision = layer.gate(x, mask)
+    y, plan, _ = layer.apply_experts(x, decision, trim=False)
+    assert int(plan.offsets[-1]) < plan.num_rows  # there are rows past the end
+    ref = reference_moe(layer, x, decision)
+    assert torch.isfinite(y).all() and torch.allclose(y, ref, atol=1e-5)
+    g = torch.randn_like(y)
+    params = [x] + list(layer.parameters())
+    for a, b in zip(torch.autograd.grad(y, params, g, retain_graph=True),
+                    torch.autograd.grad(ref, params, g, allow_unused=True)):
+        b = torch.zeros_like(a) if b is None else b
+        assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-5)
+
+
 @pytest.mark.parametrize("policy", ["top1", "top2", "adaptive"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_accelerator_path_has_static_shapes(policy, dtype):

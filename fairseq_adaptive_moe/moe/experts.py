@@ -59,13 +59,16 @@ def _grouped_mm_ok(x: Tensor, w: Tensor) -> bool:
     return (x.shape[-1] * item) % 16 == 0 and (w.shape[-1] * item) % 16 == 0
 
 
-def grouped_linear(rows: Tensor, weight: Tensor, plan, bias: Optional[Tensor] = None) -> Tensor:
+def grouped_linear(rows: Tensor, weight: Tensor, plan, bias: Optional[Tensor] = None,
+                   mask: bool = True) -> Tensor:
     """``rows[i] @ weight[g_i] (+ bias[g_i])`` for expert-sorted rows (N, Cin) -> (N, Cout).
 
     Uses ``grouped_mm`` where it applies; otherwise (torch < 2.9, unaligned shapes, CUDA
     non-bf16) a per-expert loop over ``weight.unbind(0)``, which reads the group sizes once.
     Rows of a static plan past the last group end are uninitialised by ``grouped_mm``: they are
-    masked with ``where``, never multiplied by zero (that would keep a NaN).
+    masked with ``where``, never multiplied by zero (that would keep a NaN). ``mask=False``
+    leaves them, for an output that only another grouped GEMM over the same plan reads: it
+    never reads those rows, nor do its weight gradients.
     """
     if _grouped_mm_ok(rows, weight):
         out = F.grouped_mm(rows, weight, offs=plan.offsets)
@@ -76,7 +79,7 @@ def grouped_linear(rows: Tensor, weight: Tensor, plan, bias: Optional[Tensor] = 
         out = torch.cat(parts + [rows.new_zeros(rows.shape[0] - used, weight.shape[-1])])
     if bias is not None:
         out = _AddExpertBias.apply(out, bias, plan.expert_of_row.clamp_max(bias.shape[0] - 1))
-    if plan.trimmed:
+    if plan.trimmed or not mask:
         return out
     return torch.where(plan.valid_row.unsqueeze(-1), out, out.new_zeros(()))
 
@@ -208,7 +211,8 @@ class ExpertFFN(nn.Module):
             w2, b2 = self.fc2_weight.to(dtype), self.fc2_bias.to(dtype)
 
             def ffn(block: Tensor, p) -> Tensor:
-                h = self.activation_fn(grouped_linear(append_ones(block), w1, p))
+                # unmasked: fc2 never reads rows past the end (one (N, F) pass less each way)
+                h = self.activation_fn(grouped_linear(append_ones(block), w1, p, mask=False))
                 h = F.dropout(h, p=self.activation_dropout, training=self.training)
                 return grouped_linear(h, w2, p, b2)
 
