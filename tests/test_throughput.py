@@ -57,6 +57,8 @@ def test_table_names_the_command_and_machine(measured):
     (["--skip", "10", "--max-update", "10"], "--skip"),
     (["--threshold", "2"], "--threshold"),
     (["--max-update", "x"], "invalid int value"),
+    (["--windows", "-1"], "--windows"),
+    (["--reuse-runs"], "no finished runs"),
 ])
 def test_bad_input_one_line_exit_2(m30k_bin, tmp_path, capsys, extra, message):
     out = tmp_path / "out"
@@ -69,3 +71,34 @@ def test_bad_input_one_line_exit_2(m30k_bin, tmp_path, capsys, extra, message):
 def test_missing_data_bin(tmp_path, capsys):
     assert throughput.main(["--data-bin", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "no dict" in capsys.readouterr().err
+
+
+def test_windows_from_the_finished_runs(measured, m30k_bin):
+    """--reuse-runs --windows re-tabulates the runs on disk: no training, windows that add up."""
+    out, report = measured
+    common = ["--data-bin", str(m30k_bin), "--out", str(out), "--max-update", "8", "--skip", "3",
+              "--max-tokens", "1500", "--threads", "1", "--extra", "--log-interval 1"]
+    runs_before = {p: p.stat().st_mtime for p in out.glob("runs/*/*")}
+    assert throughput.main(common + ["--reuse-runs", "--windows", "3"]) == 0
+    assert {p: p.stat().st_mtime for p in out.glob("runs/*/*")} == runs_before  # nothing retrained
+    again = json.loads((out / "throughput.json").read_text())
+    assert again["runs"] == report["runs"] and again["machine"] == report["machine"]
+    wins = again["windows"]
+    assert [(w["first"], w["last"]) for w in wins] == [(1, 3), (4, 6), (7, 8)]
+    for scheme in report["schemes"]:
+        lines = [json.loads(x) for x in (out / "runs" / scheme / "timing.jsonl").read_text().splitlines()]
+        assert sum(w["runs"][scheme]["words"] for w in wins) == sum(r["words"] for r in lines)
+    assert all(w["runs"]["top2"]["moe_2x"] == pytest.approx(1.0) for w in wins)
+    md = (out / "throughput.md").read_text()
+    assert "in windows of 3 updates" in md and "| 7-8 |" in md
+
+
+def test_reuse_refuses_runs_made_with_other_flags(measured, m30k_bin, capsys):
+    out, _ = measured
+    before = (out / "throughput.json").read_text()
+    argv = ["--data-bin", str(m30k_bin), "--out", str(out), "--max-update", "8", "--skip", "3",
+            "--max-tokens", "1000", "--threads", "1", "--extra", "--log-interval 1", "--reuse-runs"]
+    assert throughput.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trained with other flags" in err[0]
+    assert (out / "throughput.json").read_text() == before

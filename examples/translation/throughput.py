@@ -17,6 +17,8 @@ Adaptive gating only saves time once the gate is confident: at initialisation ne
 token's top two probabilities are within T of each other, so nearly all take two experts. Train
 long enough (``--max-update``, ``--skip``) that the measured window's two-expert share is the
 one training settles at; the table prints it beside every figure.
+``--windows N`` adds a table over consecutive windows of N updates, which shows the speed-up
+growing as the gate settles; ``--reuse-runs`` rewrites the tables from the runs already on disk.
 
     python examples/translation/throughput.py --data-bin data-bin --out tp-out --max-update 200 --skip 100
     python examples/translation/throughput.py --data-bin data-bin --out tp-gpu --gpu \\
@@ -36,6 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -83,6 +86,13 @@ def parse_args(argv=None):
                    help="train on the GPU with --fp16 (default: --cpu, fp32)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads per run (2)")
     p.add_argument("--extra", default="", help="more fairseq-train flags, the same for every run")
+    p.add_argument("--windows", type=int, default=0,
+                   help="also tabulate every scheme over consecutive windows of this many updates, "
+                        "from the first: how the speed-up grows as the gate settles (0: off)")
+    p.add_argument("--reuse-runs", action="store_true",
+                   help="rewrite OUT/throughput.md and .json from the runs already in OUT/runs/ "
+                        "(trained with these same flags) instead of training again, e.g. with "
+                        "other --skip or --windows")
     p.add_argument("--force", action="store_true", help="overwrite an existing OUT/throughput.json")
     return p.parse_args(argv)
 
@@ -98,15 +108,37 @@ def check(args):
         raise BadInput(f"--schemes names a scheme twice: {args.schemes}")
     if args.max_update < 1 or not 0 <= args.skip < args.max_update:
         raise BadInput(f"need 0 <= --skip < --max-update, got {args.skip} and {args.max_update}")
+    if args.windows < 0:
+        raise BadInput(f"--windows must be >= 0, got {args.windows}")
     if not 0 <= args.threshold <= 1:
         raise BadInput(f"--threshold must lie in [0, 1], got {args.threshold}")
-    if (args.out / "throughput.json").exists() and not args.force:
+    if args.reuse_runs:
+        check_reusable(args, schemes)
+    elif (args.out / "throughput.json").exists() and not args.force:
         raise BadInput(f"{args.out / 'throughput.json'} exists (--force to overwrite)")
     try:
         shlex.split(args.extra)
     except ValueError as err:
         raise BadInput(f"--extra: {err}")
     return schemes
+
+
+def run_command(args, scheme) -> list:
+    run = args.out / "runs" / scheme
+    return ([sys.executable, str(TIMED_TRAIN), "--moe-timing", str(run / "timing.jsonl")]
+            + train_flags(args, scheme, run))
+
+
+def check_reusable(args, schemes):
+    """--reuse-runs: every run finished (throughput.json was written) with the flags given now."""
+    if not (args.out / "throughput.json").exists():
+        raise BadInput(f"--reuse-runs: {args.out / 'throughput.json'} is missing (no finished runs)")
+    for s in schemes:
+        saved = args.out / "runs" / s / "train-command.txt"
+        if not saved.exists():
+            raise BadInput(f"--reuse-runs: {saved} is missing")
+        if saved.read_text().strip() != shlex.join(run_command(args, s)):
+            raise BadInput(f"--reuse-runs: {saved} was trained with other flags")
 
 
 def train_flags(args, scheme, save_dir):
@@ -125,15 +157,18 @@ def train_flags(args, scheme, save_dir):
     return flags + compare.scheme_flags(scheme, args.threshold) + shlex.split(args.extra)
 
 
-def summarize(timing: Path, log: Path, skip: int) -> dict:
+def summarize(timing: Path, log: Path, skip: int, stop: Optional[int] = None) -> dict:
+    """The updates skip+1..stop (default: to the end) of one run."""
+    stop = float("inf") if stop is None else stop
     steps = [r for r in map(json.loads, timing.read_text().splitlines()) if "step_s" in r]
-    window = [r for r in steps if r["update"] > skip]
+    window = [r for r in steps if skip < r["update"] <= stop]
     if not window:
         raise RuntimeError(f"{timing}: no update after the first {skip}")
     step_s = sum(r["step_s"] for r in window)
     moe_fwd = sum(r.get("moe_fwd_ms", 0.0) for r in window)
     moe_bwd = sum(r.get("moe_bwd_ms", 0.0) for r in window)
-    inner = [r for r in compare.records(log, "train_inner") if int(r.get("num_updates", 0)) > skip]
+    inner = [r for r in compare.records(log, "train_inner")
+             if skip < int(r.get("num_updates", 0)) <= stop]
     two = [float(r["moe_2x"]) for r in inner if "moe_2x" in r]
     return {
         "updates": len(window),
@@ -172,7 +207,33 @@ def render(args, results, schemes, argv) -> str:
             f"| {r['words_per_s'] / ref:.2f}x | {r['step_ms']:.1f} | {r['moe_fwd_ms']:.1f} "
             f"| {r['moe_bwd_ms']:.1f} | {100 * r['moe_share']:.0f}% "
             f"| {fmt(None if r['moe_2x'] is None else 100 * r['moe_2x'], '.1f')}% |")
+    if results.get("_windows"):
+        first, rest = schemes[0], schemes[1:]
+        head = (["updates"] + [f"{s} words/s" for s in schemes] + [f"{s} vs {first}" for s in rest]
+                + [f"{s} MoE time vs {first}" for s in rest] + [f"{s} two-expert" for s in schemes])
+        lines += ["", f"Over training, in windows of {args.windows} updates:", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for w in results["_windows"]:
+            runs = w["runs"]
+            moe = {s: runs[s]["moe_fwd_ms"] + runs[s]["moe_bwd_ms"] for s in schemes}
+            cells = ([f"{w['first']}-{w['last']}"] + [f"{runs[s]['words_per_s']:.0f}" for s in schemes]
+                     + [f"{runs[s]['words_per_s'] / runs[first]['words_per_s']:.2f}x" for s in rest]
+                     + [f"{moe[s] / moe[first]:.2f}" for s in rest]
+                     + [fmt(None if runs[s]["moe_2x"] is None else 100 * runs[s]["moe_2x"], ".0f")
+                        + "%" for s in schemes])
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def windows(args, schemes) -> list:
+    """Every scheme summarized over consecutive windows of ``--windows`` updates."""
+    out = []
+    for lo in range(0, args.max_update, args.windows):
+        hi = min(lo + args.windows, args.max_update)
+        runs = {s: summarize(args.out / "runs" / s / "timing.jsonl", args.out / "runs" / s / "train.log",
+                             lo, hi) for s in schemes}
+        out.append(dict(first=lo + 1, last=hi, runs=runs))
+    return out
 
 
 def main(argv=None) -> int:
@@ -187,9 +248,12 @@ def main(argv=None) -> int:
     results = {}
     for s in schemes:
         run = args.out / "runs" / s
-        run.mkdir(parents=True, exist_ok=True)
         timing, log = run / "timing.jsonl", run / "train.log"
-        cmd = [sys.executable, str(TIMED_TRAIN), "--moe-timing", str(timing)] + train_flags(args, s, run)
+        cmd = run_command(args, s)
+        if args.reuse_runs:
+            results[s] = summarize(timing, log, args.skip)
+            continue
+        run.mkdir(parents=True, exist_ok=True)
         (run / "train-command.txt").write_text(shlex.join(cmd) + "\n")
         t0 = time.time()
         with open(log, "w") as fh:
@@ -204,12 +268,18 @@ def main(argv=None) -> int:
         print(f"{s}: {r['words_per_s']:.0f} words/s, step {r['step_ms']:.1f} ms, MoE "
               f"{100 * r['moe_share']:.0f}% of the step, two-expert {fmt(r['moe_2x'], '.3f')} "
               f"({time.time() - t0:.0f} s)", flush=True)
-    results["_machine"] = compare.machine(args.gpu) + ("" if args.gpu else
-                                                       f"; {args.threads} threads per run")
+    if args.reuse_runs:  # the machine the runs were made on
+        results["_machine"] = json.loads((args.out / "throughput.json").read_text())["machine"]
+    else:
+        results["_machine"] = compare.machine(args.gpu) + ("" if args.gpu else
+                                                           f"; {args.threads} threads per run")
+    if args.windows:
+        results["_windows"] = windows(args, schemes)
     table = render(args, results, schemes, argv)
     (args.out / "throughput.md").write_text(table)
     (args.out / "throughput.json").write_text(json.dumps(
-        dict(command=argv, machine=results.pop("_machine"), schemes=schemes, runs=results,
+        dict(command=argv, machine=results.pop("_machine"), windows=results.pop("_windows", None),
+             schemes=schemes, runs=results,
              ratio_to_first={s: results[s]["words_per_s"] / results[schemes[0]]["words_per_s"]
                              for s in schemes}), indent=1))
     print(table)
