@@ -41,7 +41,7 @@ stage() {  # name limit command...
 
 if [ "$cpu" = 1 ]; then
   bench_dev=(--device cpu --quick) bench_tokens=(--tokens 256)
-  tp_args=(--arch adaptive_moe_transformer_tiny --max-tokens 1500 --max-update 6 --skip 2)
+  tp_args=(--arch adaptive_moe_transformer_tiny --max-tokens 1500 --max-update 6 --skip 2 --windows 3)
   tp_data=${TP_DATA:-data-bin/wmt-news}
   cmp_args=(--arch adaptive_moe_transformer_tiny --max-update 4 --validate-interval-updates 2
             --max-tokens 1500 --beam 1 --max-len-b 8)
@@ -50,7 +50,8 @@ else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
   bench_dev=(--device cuda) bench_tokens=(--tokens 4096,16384)
   tp_args=(--gpu --arch adaptive_moe_transformer_wmt19_de_en --max-tokens 8192
-           --max-update "${TP_UPDATES:-120}" --skip "${TP_SKIP:-60}" --lr 5e-4 --warmup-updates 100)
+           --max-update "${TP_UPDATES:-120}" --skip "${TP_SKIP:-60}" --windows "${TP_WINDOWS:-30}"
+           --lr 5e-4 --warmup-updates 100)
   tp_data=${TP_DATA:-data-bin/wmt-news}
   cmp_args=(--gpu --arch adaptive_moe_transformer_small --max-update "${CMP_UPDATES:-1500}"
             --validate-interval-updates 250 --max-tokens 8192 --lr 1e-3)

@@ -23,7 +23,7 @@ def test_bench_stages_run_and_report(tmp_path):
     summary = proc.stdout.strip().splitlines()[-1]
     assert summary.startswith("== summary: bench=0(") and " compiled=0(" in summary
     impls = {r["impl"] for r in json.loads((tmp_path / "bench" / "bench.json").read_text())["records"]}
-    assert {"ours", "loop", "padded_einsum", "fairscale", "dense"} <= impls
+    assert {"ours", "ours_trimmed", "loop", "padded_einsum", "fairscale", "dense"} <= impls
     compiled = json.loads((tmp_path / "bench-compiled" / "bench.json").read_text())
     assert {r["impl"] for r in compiled["records"]} == {"ours", "ours_compiled"}
     assert (tmp_path / "bench.log").is_file() and (tmp_path / "compiled.log").is_file()

@@ -188,6 +188,11 @@ def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
+def pct(v, spec):
+    """A share as a percentage; "-" where fairseq logged none (a run shorter than --log-interval)."""
+    return "-" if v is None else format(100 * v, spec) + "%"
+
+
 def render(args, results, schemes, argv) -> str:
     ref = results[schemes[0]]["words_per_s"]
     lines = [
@@ -206,7 +211,7 @@ def render(args, results, schemes, argv) -> str:
             f"| {s}{f', T = {args.threshold:g}' if s == 'adaptive' else ''} | {r['words_per_s']:.0f} "
             f"| {r['words_per_s'] / ref:.2f}x | {r['step_ms']:.1f} | {r['moe_fwd_ms']:.1f} "
             f"| {r['moe_bwd_ms']:.1f} | {100 * r['moe_share']:.0f}% "
-            f"| {fmt(None if r['moe_2x'] is None else 100 * r['moe_2x'], '.1f')}% |")
+            f"| {pct(r['moe_2x'], '.1f')} |")
     if results.get("_windows"):
         first, rest = schemes[0], schemes[1:]
         head = (["updates"] + [f"{s} words/s" for s in schemes] + [f"{s} vs {first}" for s in rest]
@@ -219,8 +224,7 @@ def render(args, results, schemes, argv) -> str:
             cells = ([f"{w['first']}-{w['last']}"] + [f"{runs[s]['words_per_s']:.0f}" for s in schemes]
                      + [f"{runs[s]['words_per_s'] / runs[first]['words_per_s']:.2f}x" for s in rest]
                      + [f"{moe[s] / moe[first]:.2f}" for s in rest]
-                     + [fmt(None if runs[s]["moe_2x"] is None else 100 * runs[s]["moe_2x"], ".0f")
-                        + "%" for s in schemes])
+                     + [pct(runs[s]["moe_2x"], ".0f") for s in schemes])
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
