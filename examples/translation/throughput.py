@@ -123,9 +123,15 @@ def check(args):
     return schemes
 
 
-def run_command(args, scheme) -> list:
+def run_files(args, scheme):
+    """A scheme's run directory, its per-update timing and its fairseq log."""
     run = args.out / "runs" / scheme
-    return ([sys.executable, str(TIMED_TRAIN), "--moe-timing", str(run / "timing.jsonl")]
+    return run, run / "timing.jsonl", run / "train.log"
+
+
+def run_command(args, scheme) -> list:
+    run, timing, _ = run_files(args, scheme)
+    return ([sys.executable, str(TIMED_TRAIN), "--moe-timing", str(timing)]
             + train_flags(args, scheme, run))
 
 
@@ -134,7 +140,7 @@ def check_reusable(args, schemes):
     if not (args.out / "throughput.json").exists():
         raise BadInput(f"--reuse-runs: {args.out / 'throughput.json'} is missing (no finished runs)")
     for s in schemes:
-        saved = args.out / "runs" / s / "train-command.txt"
+        saved = run_files(args, s)[0] / "train-command.txt"
         if not saved.exists():
             raise BadInput(f"--reuse-runs: {saved} is missing")
         if saved.read_text().strip() != shlex.join(run_command(args, s)):
@@ -234,8 +240,7 @@ def windows(args, schemes) -> list:
     out = []
     for lo in range(0, args.max_update, args.windows):
         hi = min(lo + args.windows, args.max_update)
-        runs = {s: summarize(args.out / "runs" / s / "timing.jsonl", args.out / "runs" / s / "train.log",
-                             lo, hi) for s in schemes}
+        runs = {s: summarize(*run_files(args, s)[1:], lo, hi) for s in schemes}
         out.append(dict(first=lo + 1, last=hi, runs=runs))
     return out
 
@@ -251,22 +256,19 @@ def main(argv=None) -> int:
     env = compare.env_for(args)
     results = {}
     for s in schemes:
-        run = args.out / "runs" / s
-        timing, log = run / "timing.jsonl", run / "train.log"
-        cmd = run_command(args, s)
-        if args.reuse_runs:
-            results[s] = summarize(timing, log, args.skip)
-            continue
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "train-command.txt").write_text(shlex.join(cmd) + "\n")
+        run, timing, log = run_files(args, s)
         t0 = time.time()
-        with open(log, "w") as fh:
-            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-        if proc.returncode != 0:
-            tail = (log.read_text(errors="replace").strip().splitlines() or [""])[-1]
-            print(f"{PROG}: error: {s} training failed ({proc.returncode}), see {log}: {tail}",
-                  file=sys.stderr)
-            return 1
+        if not args.reuse_runs:
+            cmd = run_command(args, s)
+            run.mkdir(parents=True, exist_ok=True)
+            (run / "train-command.txt").write_text(shlex.join(cmd) + "\n")
+            with open(log, "w") as fh:
+                proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+            if proc.returncode != 0:
+                tail = (log.read_text(errors="replace").strip().splitlines() or [""])[-1]
+                print(f"{PROG}: error: {s} training failed ({proc.returncode}), see {log}: {tail}",
+                      file=sys.stderr)
+                return 1
         results[s] = summarize(timing, log, args.skip)
         r = results[s]
         print(f"{s}: {r['words_per_s']:.0f} words/s, step {r['step_ms']:.1f} ms, MoE "

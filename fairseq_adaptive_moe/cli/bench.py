@@ -495,11 +495,11 @@ def run_tokens(cfg: dict, num_tokens: int, device: torch.device, notes: List[str
     decisions = {f: craft_decision(num_tokens, num_experts, f, cfg["seed"] + 1, device)
                  for f in fractions}
 
-    def ours(d):
-        return lambda inp: layer.apply_experts(inp, live_gate(inp, gate_weight, d))[0]
+    def ours(d, trim=None):  # trim=True: rows cut to the used slots (one host read on the GPU)
+        return lambda inp: layer.apply_experts(inp, live_gate(inp, gate_weight, d), trim=trim)[0]
 
-    def trimmed(d):  # rows cut to the used slots after one host read of their count
-        return lambda inp: layer.apply_experts(inp, live_gate(inp, gate_weight, d), trim=True)[0]
+    def trimmed(d):
+        return ours(d, trim=True)
 
     # compiled / CUDA-graph variants: built (and run once, fwd+bwd) per token count
     static_fns: Dict[str, Callable[..., Tensor]] = {}
