@@ -1,42 +1,62 @@
 #!/usr/bin/env bash
 # The GPU measurements in one call, for a GPU host reached through the device tool:
 #
-#   source .whl/device-install.sh .whl && bash scripts/gpu_check.sh "$OUT" [STAGE ...]
+#   source scripts/gpu_install.sh .whl && END_AT=$(($(date +%s) + 560)) bash scripts/gpu_check.sh "$OUT" [STAGE ...]
 #
-# (.whl from ../shared/tools/device-wheels.sh; carry .whl and the data-bins the stages read.)
-# Stages, in order (default: bench throughput, about 6 minutes after the 3-minute install, so that
-# one 600 s device call holds them; run compiled, then compare, in further calls while warm):
+# (.whl and the data-bins from scripts/gpu_prepare.sh; carry .whl and the data-bins the stages
+# read.) Stages, in order (default: bench throughput compiled, about 8 minutes, so that one
+# 600 s device call holds them with the pre-built fairseq; compare needs a call of its own):
 #   bench       adaptive-moe-bench --device cuda: paper shape, 4k/16k/64k tokens, every
-#               implementation but ours_compiled                          -> OUT/bench/
+#               implementation but ours_compiled                          -> bench/
 #   throughput  fairseq-train words/s, top2 vs adaptive (T = 0.1), with the MoE share of the
 #               step, adaptive_moe_transformer_wmt19_de_en on data-bin/wmt-news
 #               (examples/translation/prepare.py --data ../shared/data/wmt19-deen-news)
-#                                                                          -> OUT/throughput/
+#                                                                          -> throughput/
 #   compiled    the bench's ours_compiled (torch.compile, reduce-overhead) against ours at 4k and
-#               16k tokens                                                 -> OUT/bench-compiled/
+#               16k tokens                                                 -> bench-compiled/
 #   compare     compare.py --gpu: dense/top1/top2/adaptive at adaptive_moe_transformer_small on
-#               data-bin/m30k (prepare.py, Multi30k, --vocab-size 8000)    -> OUT/compare/
-# Each stage has its own time limit (seconds, env LIMIT_<STAGE>), its log in OUT/<stage>.log and
-# its exit status on the summary line; a failed stage does not stop the next.
+#               data-bin/m30k (prepare.py, Multi30k, --vocab-size 8000)    -> compare/
+# The stages write under WORK (default /tmp/gpu_check-work), each with its log in <stage>.log.
+# The device call returns at most 8 files from OUT, none deeper than two folders, so after every
+# stage OUT gets just two: gpu_check.tgz (all of WORK but checkpoints) and summary.txt (each
+# stage's exit status and time). A stage killed by the lease's end leaves the earlier ones there.
+# Each stage has its own time limit (seconds, env LIMIT_<STAGE>), cut to what is left before
+# END_AT (epoch seconds, optional; 20 s are kept for packing); a stage with under 30 s left is
+# skipped. A failed stage does not stop the next.
 # CPU=1 runs every stage at toy size on the CPU (to check this script without a GPU).
 set -uo pipefail
 out=${1:?usage: gpu_check.sh OUT_DIR [bench|throughput|compiled|compare ...]}
 shift
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(bench throughput)
-mkdir -p "$out"
+[ ${#stages[@]} -gt 0 ] || stages=(bench throughput compiled)
 py=${PYTHON:-python3}
 cpu=${CPU:-0}
+work=${WORK:-/tmp/gpu_check-work}
+
+pack() {  # OUT/gpu_check.tgz and OUT/summary.txt from what WORK holds now
+  tar -czf "$out/gpu_check.tgz.tmp" --exclude='*.pt' -C "$work" . && mv "$out/gpu_check.tgz.tmp" "$out/gpu_check.tgz"
+  printf '%s\n' "${summary[@]}" > "$out/summary.txt"
+}
 
 stage() {  # name limit command...
-  local name=$1 limit=$2 t0=$SECONDS rc
+  local name=$1 limit=$2 t0=$SECONDS rc left
   shift 2
+  if [ -n "${END_AT:-}" ]; then
+    left=$((END_AT - $(date +%s) - 20))
+    if [ "$left" -lt 30 ]; then
+      echo "== $name: skipped, ${left} s left before END_AT"
+      summary+=("$name=skipped(${SECONDS}s)")
+      return
+    fi
+    [ "$left" -ge "$limit" ] || limit=$left
+  fi
   echo "== $name: $* (limit ${limit} s)"
-  timeout -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
+  timeout -k 10 "$limit" "$@" > "$work/$name.log" 2>&1
   rc=$?
   echo "== $name: exit $rc after $((SECONDS - t0)) s"
-  grep -v "Warning\|warn(\|^INFO\|^DEBUG" "$out/$name.log" | tail -n 45
+  grep -v "Warning\|warn(\|^INFO\|^DEBUG" "$work/$name.log" | tail -n 45
   summary+=("$name=$rc(${SECONDS}s)")
+  pack
 }
 
 if [ "$cpu" = 1 ]; then
@@ -47,7 +67,6 @@ if [ "$cpu" = 1 ]; then
             --max-tokens 1500 --beam 1 --max-len-b 8)
   compiled_dtype=(--dtype bfloat16)
 else
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
   bench_dev=(--device cuda) bench_tokens=(--tokens 4096,16384)
   tp_args=(--gpu --arch adaptive_moe_transformer_wmt19_de_en --max-tokens 8192
            --max-update "${TP_UPDATES:-120}" --skip "${TP_SKIP:-60}" --windows "${TP_WINDOWS:-30}"
@@ -65,21 +84,29 @@ for s in "${stages[@]}"; do
   esac
 done
 summary=()
+if [ -e "$work" ] && [ ! -f "$work/.gpu_check-work" ] && [ -n "$(ls -A "$work" 2>/dev/null)" ]; then
+  echo "gpu_check.sh: error: WORK=$work exists and is not an earlier gpu_check work folder" >&2
+  exit 2
+fi
+rm -rf "$work" && mkdir -p "$work" "$out" && touch "$work/.gpu_check-work" || exit 2
+[ "$cpu" = 1 ] || nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv \
+  > "$work/gpu.txt" 2>&1
 for s in "${stages[@]}"; do
   case $s in
     bench)
       stage bench "${LIMIT_BENCH:-150}" "$py" -m fairseq_adaptive_moe.cli.bench "${bench_dev[@]}" \
-        --implementations ours,ours_trimmed,ours_graphed,loop,padded_einsum,fairscale,dense --out "$out/bench" ;;
+        --implementations ours,ours_trimmed,ours_graphed,loop,padded_einsum,fairscale,dense --out "$work/bench" ;;
     throughput)
       stage throughput "${LIMIT_THROUGHPUT:-240}" "$py" examples/translation/throughput.py \
-        --data-bin "$tp_data" --out "$out/throughput" "${tp_args[@]}" ;;
+        --data-bin "$tp_data" --out "$work/throughput" "${tp_args[@]}" ;;
     compiled)
       stage compiled "${LIMIT_COMPILED:-150}" "$py" -m fairseq_adaptive_moe.cli.bench "${bench_dev[@]}" \
         "${bench_tokens[@]}" "${compiled_dtype[@]}" --implementations ours,ours_compiled \
-        --out "$out/bench-compiled" ;;
+        --out "$work/bench-compiled" ;;
     compare)
       stage compare "${LIMIT_COMPARE:-540}" "$py" examples/translation/compare.py \
-        --data-bin "${CMP_DATA:-data-bin/m30k}" --out "$out/compare" "${cmp_args[@]}" ;;
+        --data-bin "${CMP_DATA:-data-bin/m30k}" --out "$work/compare" "${cmp_args[@]}" ;;
   esac
 done
+pack
 echo "== summary: ${summary[*]}"

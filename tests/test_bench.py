@@ -24,6 +24,7 @@ def test_quick_run_records_every_implementation_and_fraction(quick_run):
     for key in ("machine", "torch", "dtype", "cpu_threads", "experts", "dim", "ffn"):
         assert data["meta"][key]
     assert data["meta"]["cpu_block_mib"] == 16
+    assert data["meta"]["tokens_done"] == data["meta"]["tokens"]
     seen = {(r["impl"], r["fraction"]) for r in records}
     for impl in ("ours", "loop", "padded_einsum", "dense"):
         for f in bench.DEFAULT_FRACTIONS:
@@ -106,6 +107,27 @@ def test_correctness_guard_fails_loudly(monkeypatch, tmp_path, capsys):
     assert bench.main(["--quick", "--implementations", "ours,loop", "--out", str(out)]) == 1
     assert "correctness check failed: ours != loop" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_each_finished_token_count_is_kept(monkeypatch, tmp_path, capsys):
+    """bench.json is rewritten after every token count: a run that stops at the second count
+    (here its correctness guard fails there) keeps the first count's records."""
+    reference = bench.loop_moe
+
+    def loop_wrong_at_128(x, d, e):
+        out = reference(x, d, e)
+        return out * 1.01 if x.shape[0] == 128 else out
+
+    monkeypatch.setattr(bench, "loop_moe", loop_wrong_at_128)
+    out = tmp_path / "out"
+    argv = ["--quick", "--tokens", "64,128", "--implementations", "ours,loop", "--out", str(out)]
+    assert bench.main(argv) == 1
+    assert "correctness check failed: ours != loop" in capsys.readouterr().err
+    data = json.loads((out / "bench.json").read_text())
+    assert data["meta"]["tokens_done"] == [64]
+    assert {r["tokens"] for r in data["records"]} == {64}
+    assert {(r["impl"], r["fraction"]) for r in data["records"]} == {
+        (impl, f) for impl in ("ours", "loop") for f in bench.DEFAULT_FRACTIONS}
 
 
 def test_compiled_static_variant_in_bf16(tmp_path, capsys):

@@ -769,14 +769,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         notes.append("ours_trimmed not timed: on CPU, ours already cuts its rows to the used slots")
     checks: List[dict] = []
     records: List[dict] = []
+    out = Path(args.out)
+
+    def write_json(done: List[int]) -> None:
+        """bench.json after each token count, so that a run stopped by a time limit (a device
+        lease) keeps what it measured; ``meta["tokens_done"]`` says which counts it holds."""
+        meta["tokens_done"] = done
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "bench.json.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(dict(meta=meta, records=records, checks=checks, notes=notes), fh, indent=1)
+        tmp.replace(out / "bench.json")
+
     t0 = time.perf_counter()
     try:
-        for num_tokens in cfg["tokens"]:
+        for i, num_tokens in enumerate(cfg["tokens"]):
             records += run_tokens(cfg, num_tokens, device, notes, checks)
+            meta["wall_s"] = time.perf_counter() - t0
+            if i + 1 < len(cfg["tokens"]):
+                write_json(cfg["tokens"][:i + 1])
     except AssertionError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1
-    meta["wall_s"] = time.perf_counter() - t0
     if "fairscale" in cfg["implementations"]:
         notes.append("fairscale (Top2Gate, capacity 2S/E) routes top-2 only: timed at f=0; its "
                      "fixed capacity means adaptive gating would save nothing there")
@@ -798,10 +812,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for note in notes:
         print(f"note: {note}")
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "bench.json", "w", encoding="utf-8") as fh:
-        json.dump(dict(meta=meta, records=records, checks=checks, notes=notes), fh, indent=1)
+    write_json(cfg["tokens"])
     wrote = [out / "bench.json"]
     try:
         plot(records, meta, out / "bench.png")
