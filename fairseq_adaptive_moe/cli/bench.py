@@ -539,6 +539,10 @@ def run_tokens(cfg: dict, num_tokens: int, device: torch.device, notes: List[str
     def padded(d):
         return lambda inp: padded_einsum_moe(inp, live_gate(inp, gate_weight, d), layer.experts)
 
+    # implementations timed on every crafted decision as they are: name -> (decision -> fn)
+    makers: Dict[str, Callable] = dict(ours=ours, ours_trimmed=trimmed, loop=loop)
+    makers.update({impl: (lambda d, i=impl: static(i, d)) for impl in static_fns})
+
     einsum_budget = 0.8 * free_memory_bytes(device)
 
     def padded_fits(d) -> bool:
@@ -567,9 +571,8 @@ def run_tokens(cfg: dict, num_tokens: int, device: torch.device, notes: List[str
     for f, d in decisions.items():
         ref = output_and_grads(lambda inp: loop_moe(inp, live_gate(inp, ref_gate, d), ref_experts),
                                ref_x, ref_params, grad.float())
-        fast = [("ours", ours), ("ours_trimmed", trimmed), ("padded_einsum", padded)]
-        fast += [(impl, lambda dd, i=impl: static(i, dd)) for impl in static_fns]
-        for impl, make in fast:
+        fast = [(i, makers[i]) for i in ("ours", "ours_trimmed", *static_fns)]
+        for impl, make in fast + [("padded_einsum", padded)]:
             if impl not in cfg["implementations"] or (impl == "padded_einsum" and not padded_fits(d)):
                 continue
             got = output_and_grads(make(d))
@@ -609,16 +612,10 @@ def run_tokens(cfg: dict, num_tokens: int, device: torch.device, notes: List[str
         for f, d in decisions.items():
             n_single = single_expert_count(num_tokens, f)
             rows = 2 * num_tokens - n_single
-            if impl == "ours":
-                cases[f] = Case(ours(d), x, grad, moe_params, rows)
-            elif impl == "ours_trimmed":
-                cases[f] = Case(trimmed(d), x, grad, moe_params, rows)
-            elif impl in STATIC_VARIANTS:
-                if impl not in static_fns:
-                    break
-                cases[f] = Case(static(impl, d), x, grad, moe_params, rows)
-            elif impl == "loop":
-                cases[f] = Case(loop(d), x, grad, moe_params, rows)
+            if impl in makers:
+                cases[f] = Case(makers[impl](d), x, grad, moe_params, rows)
+            elif impl in STATIC_VARIANTS:  # not built (unsupported here, or failed: see notes)
+                break
             elif impl == "padded_einsum":
                 capacity = int(expert_loads(d).max())
                 if not padded_fits(d):
