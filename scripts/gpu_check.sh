@@ -4,10 +4,13 @@
 #   source scripts/gpu_install.sh .whl && END_AT=$(($(date +%s) + 560)) bash scripts/gpu_check.sh "$OUT" [STAGE ...]
 #
 # (.whl and the data-bins from scripts/gpu_prepare.sh; carry .whl and the data-bins the stages
-# read.) Stages, in order (default: bench throughput compiled, about 8 minutes, so that one
+# read.) Stages, in order (default: bench fp16 throughput compiled, about 9 minutes, so that one
 # 600 s device call holds them with the pre-built fairseq; compare needs a call of its own):
 #   bench       adaptive-moe-bench --device cuda: paper shape, 4k/16k/64k tokens, every
 #               implementation but ours_compiled                          -> bench/
+#   fp16        ours with fp16 weights and inputs, as under fairseq's --fp16 (the expert GEMMs run
+#               in bf16, so the weights are cast each step): against bench's bf16 ours, the cost
+#               of that cast                                               -> bench-fp16/
 #   throughput  fairseq-train words/s, top2 vs adaptive (T = 0.1), with the MoE share of the
 #               step, adaptive_moe_transformer_wmt19_de_en on data-bin/wmt-news
 #               (examples/translation/prepare.py --data ../shared/data/wmt19-deen-news)
@@ -25,10 +28,10 @@
 # skipped. A failed stage does not stop the next.
 # CPU=1 runs every stage at toy size on the CPU (to check this script without a GPU).
 set -uo pipefail
-out=${1:?usage: gpu_check.sh OUT_DIR [bench|throughput|compiled|compare ...]}
+out=${1:?usage: gpu_check.sh OUT_DIR [bench|fp16|throughput|compiled|compare ...]}
 shift
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(bench throughput compiled)
+[ ${#stages[@]} -gt 0 ] || stages=(bench fp16 throughput compiled)
 py=${PYTHON:-python3}
 cpu=${CPU:-0}
 work=${WORK:-/tmp/gpu_check-work}
@@ -60,14 +63,14 @@ stage() {  # name limit command...
 }
 
 if [ "$cpu" = 1 ]; then
-  bench_dev=(--device cpu --quick) bench_tokens=(--tokens 256)
+  bench_dev=(--device cpu --quick) bench_tokens=(--tokens 256) fp16_tokens=(--tokens 256)
   tp_args=(--arch adaptive_moe_transformer_tiny --max-tokens 1500 --max-update 6 --skip 2 --windows 3)
   tp_data=${TP_DATA:-data-bin/wmt-news}
   cmp_args=(--arch adaptive_moe_transformer_tiny --max-update 4 --validate-interval-updates 2
             --max-tokens 1500 --beam 1 --max-len-b 8)
   compiled_dtype=(--dtype bfloat16)
 else
-  bench_dev=(--device cuda) bench_tokens=(--tokens 4096,16384)
+  bench_dev=(--device cuda) bench_tokens=(--tokens 4096,16384) fp16_tokens=(--tokens 4096,16384,65536)
   tp_args=(--gpu --arch adaptive_moe_transformer_wmt19_de_en --max-tokens 8192
            --max-update "${TP_UPDATES:-120}" --skip "${TP_SKIP:-60}" --windows "${TP_WINDOWS:-30}"
            --lr 5e-4 --warmup-updates 100)
@@ -78,8 +81,8 @@ else
 fi
 
 for s in "${stages[@]}"; do
-  case $s in bench|throughput|compiled|compare) ;;
-    *) echo "gpu_check.sh: error: unknown stage '$s' (bench, throughput, compiled, compare)" >&2
+  case $s in bench|fp16|throughput|compiled|compare) ;;
+    *) echo "gpu_check.sh: error: unknown stage '$s' (bench, fp16, throughput, compiled, compare)" >&2
        exit 2 ;;
   esac
 done
@@ -96,6 +99,9 @@ for s in "${stages[@]}"; do
     bench)
       stage bench "${LIMIT_BENCH:-150}" "$py" -m fairseq_adaptive_moe.cli.bench "${bench_dev[@]}" \
         --implementations ours,ours_trimmed,ours_graphed,loop,padded_einsum,fairscale,dense --out "$work/bench" ;;
+    fp16)
+      stage fp16 "${LIMIT_FP16:-60}" "$py" -m fairseq_adaptive_moe.cli.bench "${bench_dev[@]}" \
+        "${fp16_tokens[@]}" --dtype float16 --implementations ours --out "$work/bench-fp16" ;;
     throughput)
       stage throughput "${LIMIT_THROUGHPUT:-240}" "$py" examples/translation/throughput.py \
         --data-bin "$tp_data" --out "$work/throughput" "${tp_args[@]}" ;;

@@ -29,10 +29,10 @@ def unpacked(out, dest):
 
 def test_bench_stages_run_and_report(tmp_path):
     out = tmp_path / "out"
-    proc = run(out, "bench", "compiled", work=tmp_path / "work")
+    proc = run(out, "bench", "fp16", "compiled", work=tmp_path / "work")
     assert proc.returncode == 0, proc.stderr
     summary = proc.stdout.strip().splitlines()[-1]
-    assert summary.startswith("== summary: bench=0(") and " compiled=0(" in summary
+    assert summary.startswith("== summary: bench=0(") and " fp16=0(" in summary and " compiled=0(" in summary
     assert (out / "summary.txt").read_text().split()[0].startswith("bench=0(")
     got = unpacked(out, tmp_path / "got")
     impls = {r["impl"] for r in json.loads((got / "bench" / "bench.json").read_text())["records"]}
@@ -40,7 +40,9 @@ def test_bench_stages_run_and_report(tmp_path):
     compiled = json.loads((got / "bench-compiled" / "bench.json").read_text())
     assert {r["impl"] for r in compiled["records"]} == {"ours", "ours_compiled"}
     assert compiled["meta"]["tokens_done"] == [256]
-    assert (got / "bench.log").is_file() and (got / "compiled.log").is_file()
+    fp16 = json.loads((got / "bench-fp16" / "bench.json").read_text())
+    assert fp16["meta"]["dtype"] == "float16" and {r["impl"] for r in fp16["records"]} == {"ours"}
+    assert all((got / f"{s}.log").is_file() for s in ("bench", "fp16", "compiled"))
 
 
 def test_a_failing_stage_does_not_stop_the_next(tmp_path):
