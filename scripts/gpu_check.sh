@@ -12,7 +12,8 @@
 #               in bf16, so the weights are cast each step): against bench's bf16 ours, the cost
 #               of that cast                                               -> bench-fp16/
 #   throughput  fairseq-train words/s, top2 vs adaptive (T = 0.1), with the MoE share of the
-#               step, adaptive_moe_transformer_wmt19_de_en on data-bin/wmt-news
+#               step, adaptive_moe_transformer_wmt19_de_en on data-bin/wmt-news, each scheme for
+#               75 s of training (TP_SECONDS; the step time there is not known beforehand)
 #               (examples/translation/prepare.py --data ../shared/data/wmt19-deen-news)
 #                                                                          -> throughput/
 #   compiled    the bench's ours_compiled (torch.compile, reduce-overhead) against ours at 4k and
@@ -64,7 +65,8 @@ stage() {  # name limit command...
 
 if [ "$cpu" = 1 ]; then
   bench_dev=(--device cpu --quick) bench_tokens=(--tokens 256) fp16_tokens=(--tokens 256)
-  tp_args=(--arch adaptive_moe_transformer_tiny --max-tokens 1500 --max-update 6 --skip 2 --windows 3)
+  tp_args=(--arch adaptive_moe_transformer_tiny --max-tokens 1500 --max-update 100000 --time-budget 4
+           --skip 2 --windows 3)
   tp_data=${TP_DATA:-data-bin/wmt-news}
   cmp_args=(--arch adaptive_moe_transformer_tiny --max-update 4 --validate-interval-updates 2
             --max-tokens 1500 --beam 1 --max-len-b 8)
@@ -72,7 +74,8 @@ if [ "$cpu" = 1 ]; then
 else
   bench_dev=(--device cuda) bench_tokens=(--tokens 4096,16384) fp16_tokens=(--tokens 4096,16384,65536)
   tp_args=(--gpu --arch adaptive_moe_transformer_wmt19_de_en --max-tokens 8192
-           --max-update "${TP_UPDATES:-120}" --skip "${TP_SKIP:-60}" --windows "${TP_WINDOWS:-30}"
+           --max-update 100000 --time-budget "${TP_SECONDS:-75}" --skip "${TP_SKIP:-30}"
+           --windows "${TP_WINDOWS:-50}"
            --lr 5e-4 --warmup-updates 100)
   tp_data=${TP_DATA:-data-bin/wmt-news}
   cmp_args=(--gpu --arch adaptive_moe_transformer_small --max-update "${CMP_UPDATES:-1500}"
@@ -103,7 +106,7 @@ for s in "${stages[@]}"; do
       stage fp16 "${LIMIT_FP16:-60}" "$py" -m fairseq_adaptive_moe.cli.bench "${bench_dev[@]}" \
         "${fp16_tokens[@]}" --dtype float16 --implementations ours --out "$work/bench-fp16" ;;
     throughput)
-      stage throughput "${LIMIT_THROUGHPUT:-240}" "$py" examples/translation/throughput.py \
+      stage throughput "${LIMIT_THROUGHPUT:-270}" "$py" examples/translation/throughput.py \
         --data-bin "$tp_data" --out "$work/throughput" "${tp_args[@]}" ;;
     compiled)
       stage compiled "${LIMIT_COMPILED:-150}" "$py" -m fairseq_adaptive_moe.cli.bench "${bench_dev[@]}" \

@@ -58,6 +58,8 @@ def test_table_names_the_command_and_machine(measured):
     (["--threshold", "2"], "--threshold"),
     (["--max-update", "x"], "invalid int value"),
     (["--windows", "-1"], "--windows"),
+    (["--time-budget", "-5"], "--time-budget"),
+    (["--time-budget", "nan"], "--time-budget"),
     (["--reuse-runs"], "no finished runs"),
 ])
 def test_bad_input_one_line_exit_2(m30k_bin, tmp_path, capsys, extra, message):
@@ -102,3 +104,30 @@ def test_reuse_refuses_runs_made_with_other_flags(measured, m30k_bin, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "trained with other flags" in err[0]
     assert (out / "throughput.json").read_text() == before
+
+
+def test_time_budget_stops_each_run_and_compares_the_common_updates(m30k_bin, tmp_path):
+    """--time-budget: fairseq's --stop-time-hours ends each run well before --max-update; the
+    figures and windows cover the updates every scheme reached, and each scheme's own count is
+    kept."""
+    out = tmp_path / "out"
+    rc = throughput.main(["--data-bin", str(m30k_bin), "--out", str(out), "--max-update", "100000",
+                          "--skip", "1", "--max-tokens", "1500", "--threads", "1",
+                          "--time-budget", "4", "--windows", "2", "--extra", "--log-interval 1"])
+    assert rc == 0
+    report = json.loads((out / "throughput.json").read_text())
+    reached = {s: report["runs"][s]["updates_reached"] for s in report["schemes"]}
+    for scheme, n in reached.items():
+        lines = [json.loads(x) for x in (out / "runs" / scheme / "timing.jsonl").read_text().splitlines()]
+        assert max(r["update"] for r in lines) == n
+        assert 1 < n < 100000
+        assert "--stop-time-hours" in (out / "runs" / scheme / "train-command.txt").read_text()
+        assert "Stopping training due to cumulative_training_time" in (
+            out / "runs" / scheme / "train.log").read_text()
+    stop = min(reached.values())
+    for scheme in report["schemes"]:
+        assert report["runs"][scheme]["updates"] == stop - 1
+    assert report["windows"][-1]["last"] == stop
+    md = (out / "throughput.md").read_text()
+    assert f"figures over updates 2-{stop} of each run" in md
+    assert "Each scheme trained for 4 s of training time" in md

@@ -24,6 +24,10 @@ growing as the gate settles; ``--reuse-runs`` rewrites the tables from the runs 
     python examples/translation/throughput.py --data-bin data-bin --out tp-gpu --gpu \\
         --arch adaptive_moe_transformer_wmt19_de_en --max-tokens 8192 --max-update 300 --skip 200
 
+``--time-budget SECONDS`` trains each scheme for that long instead (fairseq's
+``--stop-time-hours``, capped by ``--max-update``), for a lease of fixed length; the figures then
+cover the updates that every scheme reached.
+
 Writes ``OUT/throughput.md``, ``OUT/throughput.json`` and each run's ``train.log`` and
 ``timing.jsonl`` under ``OUT/runs/SCHEME/``. Bad input: one line on stderr, exit status 2,
 nothing written.
@@ -76,6 +80,10 @@ def parse_args(argv=None):
     p.add_argument("--threshold", type=float, default=0.1, help="adaptive threshold T (0.1)")
     p.add_argument("--arch", default="adaptive_moe_transformer_tiny")
     p.add_argument("--max-update", type=int, default=200)
+    p.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS",
+                   help="train each scheme for this many seconds of fairseq's training time "
+                        "(--stop-time-hours), up to --max-update; every figure then covers the "
+                        "updates that all schemes reached (0: off, train --max-update updates)")
     p.add_argument("--skip", type=int, default=100,
                    help="updates left out of every figure, counted from the start (100)")
     p.add_argument("--max-tokens", type=int, default=4096)
@@ -110,6 +118,8 @@ def check(args):
         raise BadInput(f"need 0 <= --skip < --max-update, got {args.skip} and {args.max_update}")
     if args.windows < 0:
         raise BadInput(f"--windows must be >= 0, got {args.windows}")
+    if not args.time_budget >= 0:  # also NaN
+        raise BadInput(f"--time-budget must be >= 0 seconds, got {args.time_budget}")
     if not 0 <= args.threshold <= 1:
         raise BadInput(f"--threshold must lie in [0, 1], got {args.threshold}")
     if args.reuse_runs:
@@ -160,6 +170,8 @@ def train_flags(args, scheme, save_dir):
         "--log-format", "json", "--log-interval", "10", "--no-progress-bar",
     ]
     flags += ["--fp16"] if args.gpu else ["--cpu"]
+    if args.time_budget:
+        flags += ["--stop-time-hours", repr(args.time_budget / 3600)]
     return flags + compare.scheme_flags(scheme, args.threshold) + shlex.split(args.extra)
 
 
@@ -199,14 +211,19 @@ def pct(v, spec):
     return "-" if v is None else format(100 * v, spec) + "%"
 
 
-def render(args, results, schemes, argv) -> str:
+def render(args, results, schemes, argv, stop: int) -> str:
     ref = results[schemes[0]]["words_per_s"]
+    budget = ""
+    if args.time_budget:
+        budget = (f" Each scheme trained for {args.time_budget:g} s of training time; updates "
+                  "reached: " + ", ".join(f"{s} {results[s]['updates_reached']}" for s in schemes)
+                  + ".")
     lines = [
         f"# Training throughput: {', '.join(schemes)}", "",
         f"`python examples/translation/throughput.py {shlex.join(argv)}`", "",
         f"Machine: {results['_machine']}. Arch `{args.arch}`, --max-tokens {args.max_tokens}, "
         f"{'GPU --fp16' if args.gpu else 'CPU fp32'}; figures over updates {args.skip + 1}-"
-        f"{args.max_update} of each run.", "",
+        f"{stop} of each run.{budget}", "",
         f"| scheme | words/s | vs {schemes[0]} | step ms | MoE fwd ms | MoE bwd ms | MoE share "
         "of step | two-expert tokens |",
         "|---|---|---|---|---|---|---|---|",
@@ -235,11 +252,17 @@ def render(args, results, schemes, argv) -> str:
     return "\n".join(lines) + "\n"
 
 
-def windows(args, schemes) -> list:
-    """Every scheme summarized over consecutive windows of ``--windows`` updates."""
+def last_update(timing: Path) -> int:
+    """The last update a run timed (--max-update, or fewer where --time-budget stopped it)."""
+    steps = [r for r in map(json.loads, timing.read_text().splitlines()) if "step_s" in r]
+    return max((r["update"] for r in steps), default=0)
+
+
+def windows(args, schemes, stop: int) -> list:
+    """Every scheme summarized over consecutive windows of ``--windows`` updates, to ``stop``."""
     out = []
-    for lo in range(0, args.max_update, args.windows):
-        hi = min(lo + args.windows, args.max_update)
+    for lo in range(0, stop, args.windows):
+        hi = min(lo + args.windows, stop)
         runs = {s: summarize(*run_files(args, s)[1:], lo, hi) for s in schemes}
         out.append(dict(first=lo + 1, last=hi, runs=runs))
     return out
@@ -255,6 +278,7 @@ def main(argv=None) -> int:
         return 2
     env = compare.env_for(args)
     results = {}
+    reached = {}
     for s in schemes:
         run, timing, log = run_files(args, s)
         t0 = time.time()
@@ -269,19 +293,27 @@ def main(argv=None) -> int:
                 print(f"{PROG}: error: {s} training failed ({proc.returncode}), see {log}: {tail}",
                       file=sys.stderr)
                 return 1
-        results[s] = summarize(timing, log, args.skip)
-        r = results[s]
+        reached[s] = last_update(timing)
+        print(f"{s}: {reached[s]} updates ({time.time() - t0:.0f} s)", flush=True)
+    stop = min(reached.values())  # the updates every scheme reached: all of them, unless timed
+    if stop <= args.skip:
+        print(f"{PROG}: error: the runs reached {stop} updates, not past --skip {args.skip} "
+              f"(raise --time-budget or lower --skip)", file=sys.stderr)
+        return 1
+    for s in schemes:
+        results[s] = r = dict(summarize(*run_files(args, s)[1:], args.skip, stop),
+                              updates_reached=reached[s])
         print(f"{s}: {r['words_per_s']:.0f} words/s, step {r['step_ms']:.1f} ms, MoE "
-              f"{100 * r['moe_share']:.0f}% of the step, two-expert {fmt(r['moe_2x'], '.3f')} "
-              f"({time.time() - t0:.0f} s)", flush=True)
+              f"{100 * r['moe_share']:.0f}% of the step, two-expert {fmt(r['moe_2x'], '.3f')}",
+              flush=True)
     if args.reuse_runs:  # the machine the runs were made on
         results["_machine"] = json.loads((args.out / "throughput.json").read_text())["machine"]
     else:
         results["_machine"] = compare.machine(args.gpu) + ("" if args.gpu else
                                                            f"; {args.threads} threads per run")
     if args.windows:
-        results["_windows"] = windows(args, schemes)
-    table = render(args, results, schemes, argv)
+        results["_windows"] = windows(args, schemes, stop)
+    table = render(args, results, schemes, argv, stop)
     (args.out / "throughput.md").write_text(table)
     (args.out / "throughput.json").write_text(json.dumps(
         dict(command=argv, machine=results.pop("_machine"), windows=results.pop("_windows", None),
