@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The GPU measurements in one call, for a GPU host reached through the device tool:
 #
-#   source scripts/gpu_install.sh .whl && END_AT=$(($(date +%s) + 560)) bash scripts/gpu_check.sh "$OUT" [STAGE ...]
+#   e=$(($(date +%s) + 575)); source scripts/gpu_install.sh .whl && END_AT=$e bash scripts/gpu_check.sh "$OUT" [STAGE ...]
 #
-# (.whl and the data-bins from scripts/gpu_prepare.sh; carry .whl and the data-bins the stages
-# read.) Stages, in order (default: bench fp16 throughput compiled, about 9 minutes, so that one
-# 600 s device call holds them with the pre-built fairseq; compare needs a call of its own):
+# END_AT: the device call's timeout_s of 600 s, less 25 s, taken before the install (seconds with
+# the pre-built wheels, about 3 minutes without them). .whl and the data-bins come from
+# scripts/gpu_prepare.sh; carry .whl and the data-bins the stages read.
+# Stages, in order (default: bench fp16 throughput compiled, about 9 minutes, so that one 600 s
+# device call holds them with the pre-built fairseq; compare needs a call of its own):
 #   bench       adaptive-moe-bench --device cuda: paper shape, 4k/16k/64k tokens, every
 #               implementation but ours_compiled                          -> bench/
 #   fp16        ours with fp16 weights and inputs, as under fairseq's --fp16 (the expert GEMMs run
