@@ -148,6 +148,23 @@ def test_threshold_extremes_route_as_top1_and_top2(m30k_bin, tmp_path):
     assert top1 != top2  # the comparison can fail: the two gatings do train differently
 
 
+def test_fp16_training_through_fairseq(trained, m30k_bin, tmp_path):
+    """fairseq's --fp16 (half model, FP16Optimizer with loss scaling) trains through the plugin:
+    the gate, the experts, the balance loss and the MoE logs in fp16. On CPU fairseq needs
+    --fp16-no-flatten-grads (its flat fp32 copy is CUDA-only). The first update's loss, before
+    any step, matches the fp32 run with the same seed."""
+    log = train(m30k_bin, tmp_path / "fp16", "--max-update", "6", "--no-save", "--fp16",
+                "--fp16-no-flatten-grads")
+    records = json_records(log)
+    assert [int(r["num_updates"]) for r in records] == list(range(1, 7))
+    for r in records:
+        assert "loss_scale" in r and torch.isfinite(torch.tensor(float(r["loss"])))
+        assert 0.0 < float(r["moe_2x"]) <= 1.0 and float(r["moe_loss"]) > 0
+    assert float(records[-1]["loss"]) < float(records[0]["loss"])
+    fp32_first = float(json_records(trained[1])[0]["loss"])
+    assert abs(float(records[0]["loss"]) - fp32_first) <= 2e-3 * fp32_first  # seen: 1e-4
+
+
 def test_dense_baseline_same_code_path(m30k_bin, tmp_path):
     log = train(m30k_bin, tmp_path / "dense", "--max-update", "2", "--moe-freq", "0", "--no-save")
     records = json_records(log)
