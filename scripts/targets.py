@@ -171,6 +171,11 @@ def side_figures(found: Dict[str, list]) -> List[str]:
     """Figures with no target: fp16 weights vs bf16, and the other plans against ours (top-2 and
     f = 0.8, fwd+bwd ms), per token count, on the GPU."""
     lines = []
+
+    def versus(label: str, r: dict, base: dict) -> str:
+        return (f"- {label}, {r['tokens']} tokens, f={r['fraction']:g}: {r['fwdbwd_ms']:.2f} ms vs "
+                f"{base['fwdbwd_ms']:.2f} ms ({r['fwdbwd_ms'] / base['fwdbwd_ms']:.2f}x)")
+
     gpu = [b for b in found["bench"] if b["meta"]["device"] == "cuda" and _paper_shape(b)]
     bf16 = [b for b in gpu if b["meta"]["dtype"] == "bfloat16"]
     fp16 = [b for b in gpu if b["meta"]["dtype"] == "float16"]
@@ -178,12 +183,10 @@ def side_figures(found: Dict[str, list]) -> List[str]:
         for r in half["records"]:
             if r["impl"] != "ours" or r["fraction"] not in (0.0, F_SINGLE):
                 continue
-            base = next((_record(b, "ours", r["tokens"], r["fraction"]) for b in bf16
-                         if _record(b, "ours", r["tokens"], r["fraction"])), None)
+            base = next(filter(None, (_record(b, "ours", r["tokens"], r["fraction"]) for b in bf16)),
+                        None)
             if base:
-                lines.append(f"- fp16 weights (fairseq --fp16) vs bf16, {r['tokens']} tokens, "
-                             f"f={r['fraction']:g}: {r['fwdbwd_ms']:.2f} ms vs {base['fwdbwd_ms']:.2f} ms "
-                             f"({r['fwdbwd_ms'] / base['fwdbwd_ms']:.2f}x)")
+                lines.append(versus("fp16 weights (fairseq --fp16) vs bf16", r, base))
     for b in bf16:
         for impl in ("ours_trimmed", "ours_graphed", "ours_compiled"):
             for r in b["records"]:
@@ -191,9 +194,7 @@ def side_figures(found: Dict[str, list]) -> List[str]:
                     continue
                 base = _record(b, "ours", r["tokens"], r["fraction"])
                 if base:
-                    lines.append(f"- {impl} vs ours, {r['tokens']} tokens, f={r['fraction']:g}: "
-                                 f"{r['fwdbwd_ms']:.2f} ms vs {base['fwdbwd_ms']:.2f} ms "
-                                 f"({r['fwdbwd_ms'] / base['fwdbwd_ms']:.2f}x)")
+                    lines.append(versus(f"{impl} vs ours", r, base))
     return lines
 
 

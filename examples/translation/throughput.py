@@ -175,11 +175,15 @@ def train_flags(args, scheme, save_dir):
     return flags + compare.scheme_flags(scheme, args.threshold) + shlex.split(args.extra)
 
 
+def timed_steps(timing: Path) -> list:
+    """A run's per-update records from timed_train.py's timing.jsonl."""
+    return [r for r in map(json.loads, timing.read_text().splitlines()) if "step_s" in r]
+
+
 def summarize(timing: Path, log: Path, skip: int, stop: Optional[int] = None) -> dict:
     """The updates skip+1..stop (default: to the end) of one run."""
     stop = float("inf") if stop is None else stop
-    steps = [r for r in map(json.loads, timing.read_text().splitlines()) if "step_s" in r]
-    window = [r for r in steps if skip < r["update"] <= stop]
+    window = [r for r in timed_steps(timing) if skip < r["update"] <= stop]
     if not window:
         raise RuntimeError(f"{timing}: no update after the first {skip}")
     step_s = sum(r["step_s"] for r in window)
@@ -254,8 +258,7 @@ def render(args, results, schemes, argv, stop: int) -> str:
 
 def last_update(timing: Path) -> int:
     """The last update a run timed (--max-update, or fewer where --time-budget stopped it)."""
-    steps = [r for r in map(json.loads, timing.read_text().splitlines()) if "step_s" in r]
-    return max((r["update"] for r in steps), default=0)
+    return max((r["update"] for r in timed_steps(timing)), default=0)
 
 
 def windows(args, schemes, stop: int) -> list:
