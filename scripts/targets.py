@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The fast-compute targets, met or missed, from the measurements on disk.
 
-    python scripts/targets.py docs/bench/bench.json docs/throughput/small-long/throughput.json
+    python scripts/targets.py docs/results/bench/bench.json docs/results/throughput/small-long/throughput.json
     python scripts/targets.py gpu_check.tgz          # what a device call of gpu_check.sh returned
 
 Each PATH is a bench.json (adaptive-moe-bench), a throughput.json (throughput.py), a folder
