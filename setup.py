@@ -20,7 +20,7 @@ setup(
         "rouge-score>=0.1.2",
         "matplotlib>=3.5",
     ],
-    extras_require={"dev": ["pytest>=7", "pytest-timeout"]},
+    extras_require={"dev": ["pytest>=7", "pytest-timeout", "pytest-xdist>=3"]},
     entry_points={
         "console_scripts": [
             "adaptive-moe-bench = fairseq_adaptive_moe.cli.bench:main",

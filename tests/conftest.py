@@ -1,10 +1,13 @@
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -30,7 +33,8 @@ def load_script(relpath: str):
 
 def run_cli(tool: str, *args, cwd=None, check=True, timeout=600, input=None):
     """Run a fairseq console script of this venv; returns the CompletedProcess."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env.setdefault("OMP_NUM_THREADS", "2")  # `make test` sets 1: its workers share the cores
     proc = subprocess.run([str(BIN / tool), *map(str, args)], cwd=cwd, env=env, text=True,
                           capture_output=True, timeout=timeout, input=input)
     if check and proc.returncode != 0:
@@ -38,15 +42,39 @@ def run_cli(tool: str, *args, cwd=None, check=True, timeout=600, input=None):
     return proc
 
 
+def shared_artifact(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder built once per test run, by whichever process needs it first.
+
+    Under pytest-xdist every worker has its own session, so a session fixture alone would build
+    its data once per worker; this builds it once in the run's common temporary folder, under a
+    file lock, and the other workers wait for it and reuse it. ``build(path)`` fills ``path``.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the folder the workers' own base folders share
+    path = root / f"shared-{name}"
+    with FileLock(str(path) + ".lock"):
+        if not (path / ".complete").is_file():
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir(parents=True)
+            build(path)
+            (path / ".complete").touch()
+    return path
+
+
 def prepare_m30k(tmp_path_factory, vocab_size: int, max_train: int, max_eval: int) -> Path:
-    """A binarized slice of Multi30k de-en (joined sentencepiece dictionary)."""
-    prepare = load_script("examples/translation/prepare.py")
-    out = tmp_path_factory.mktemp(f"m30k-{max_train}") / "data-bin"
-    rc = prepare.main(["--data", str(shared_data("multi30k-deen")), "--out", str(out),
-                       "--vocab-size", str(vocab_size), "--max-train-lines", str(max_train),
-                       "--max-eval-lines", str(max_eval)])
-    assert rc == 0
-    return out
+    """A binarized slice of Multi30k de-en (joined sentencepiece dictionary), shared by every
+    test (and worker) that asks for the same slice."""
+    data = shared_data("multi30k-deen")
+
+    def build(root: Path) -> None:
+        prepare = load_script("examples/translation/prepare.py")
+        rc = prepare.main(["--data", str(data), "--out", str(root / "data-bin"),
+                           "--vocab-size", str(vocab_size), "--max-train-lines", str(max_train),
+                           "--max-eval-lines", str(max_eval)])
+        assert rc == 0
+
+    return shared_artifact(tmp_path_factory, f"m30k-{vocab_size}-{max_train}-{max_eval}", build) / "data-bin"
 
 
 @pytest.fixture(scope="session")
