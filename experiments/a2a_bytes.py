@@ -6,19 +6,21 @@ Trains the same model twice under ``torchrun --nproc_per_node N fairseq-train --
 ``moe_a2a_mb`` (MB of token rows all ranks sent to other ranks' experts per update, forward) and
 ``moe_ept`` (expert slots per token) from the json logs. Writes ``a2a_bytes.md`` and prints it.
 
-    python examples/expert_parallel/a2a_bytes.py --data-bin demo-out/data-bin --out ep-out
+    python -m experiments.a2a_bytes --data-bin demo-out/data-bin --out ep-out
 """
 
 import argparse
 import json
-import os
 import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from . import child_env
+from . import flags as fl
+
+PROG = "a2a_bytes.py"
 
 
 def parse_args(argv=None):
@@ -41,26 +43,25 @@ def free_port() -> int:
 
 
 def train(args, gating: str) -> list:
+    """One run's ``train_inner`` json records; RuntimeError naming its log if it fails."""
     save = args.out / f"checkpoints-{gating}"
     shutil.rmtree(save, ignore_errors=True)
     bin_dir = Path(sys.executable).parent
     cmd = [str(bin_dir / "torchrun"), "--nproc_per_node", str(args.nproc), "--master_port",
-           str(free_port()), str(bin_dir / "fairseq-train"), str(args.data_bin),
-           "--user-dir", str(ROOT / "fairseq_adaptive_moe"), "--task", "translation",
-           "--arch", args.arch, "--share-all-embeddings", "--moe-gating", gating,
-           "--moe-threshold", args.threshold, "--moe-expert-parallel-size", str(args.nproc),
-           "--ddp-backend", "legacy_ddp", "--criterion", "adaptive_moe_label_smoothed_cross_entropy",
-           "--label-smoothing", "0.1", "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)",
-           "--lr", "2e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "100",
-           "--max-tokens", str(args.max_tokens), "--max-update", str(args.max_update), "--cpu",
-           "--seed", "1", "--save-dir", str(save), "--no-save", "--disable-validation",
-           "--log-format", "json", "--log-interval", "10", *args.extra.split()]
+           str(free_port()), str(bin_dir / "fairseq-train"),
+           *fl.translation_recipe(args.data_bin, args.arch, "2e-3", 100, dropout=None,
+                                  weight_decay=None),
+           "--moe-gating", gating, "--moe-threshold", args.threshold,
+           "--moe-expert-parallel-size", str(args.nproc), "--ddp-backend", "legacy_ddp",
+           "--max-tokens", str(args.max_tokens), "--max-update", str(args.max_update),
+           *fl.device_flags(gpu=False), "--seed", "1", "--save-dir", str(save), "--no-save",
+           "--disable-validation", *fl.log_flags(10), *args.extra.split()]
     log = args.out / f"train-{gating}.log"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     with open(log, "w") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT,
+                            env=child_env(OMP_NUM_THREADS="1")).returncode
     if rc != 0:
-        sys.exit(f"a2a_bytes.py: {gating} run failed (exit {rc}); see {log}")
+        raise RuntimeError(f"{gating} run failed (exit {rc}); see {log}")
     return [json.loads(line.split("| train_inner | ", 1)[1])
             for line in log.read_text().splitlines() if "| train_inner | " in line]
 
@@ -68,11 +69,16 @@ def train(args, gating: str) -> list:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not (args.data_bin / "dict.de.txt").exists() and not list(args.data_bin.glob("dict.*.txt")):
-        sys.exit(f"a2a_bytes.py: {args.data_bin} is not a fairseq data-bin (no dict.*.txt)")
+        print(f"{PROG}: {args.data_bin} is not a fairseq data-bin (no dict.*.txt)", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     rows = {}
     for gating in ("top2", "adaptive"):
-        logs = train(args, gating)
+        try:
+            logs = train(args, gating)
+        except RuntimeError as e:
+            print(f"{PROG}: {e}", file=sys.stderr)
+            return 1
         mb = [float(r["moe_a2a_mb"]) for r in logs]
         ept = [float(r["moe_ept"]) for r in logs]
         wpb = [float(r["wpb"]) for r in logs]

@@ -2,11 +2,13 @@
 """Paper Table 3 / Table 5 at small scale: dense, top-1, top-2 and adaptive gating side by side.
 
 Translation (BLEU, ``adaptive_moe_transformer``) or summarization (ROUGE, ``adaptive_moe_bart``
-with fairseq's BART CNN/DM recipe, ``examples/summarization/recipe.py``): ``--task-kind``, by
+with fairseq's BART CNN/DM recipe, ``experiments.flags.bart_summarization_flags``, as
+``examples/summarization/recipe.py`` trains): ``--task-kind``, by
 default detected from the data-bin (``dict.source.txt`` = a data-bin from
 ``examples/summarization/prepare.py``).
 
-Every scheme is trained with identical fairseq-train flags except the gating:
+Every scheme is trained with identical fairseq-train flags (``experiments.flags``) except the
+gating:
 
 - ``dense``: ``--moe-freq 0`` (no MoE layer, same code path);
 - ``top1`` / ``top2``: ``--moe-gating top1`` / ``top2``;
@@ -23,7 +25,8 @@ Per run it records:
 - the same clock at each validation (every ``--validate-interval-updates``), hence the time to a
   target valid loss: the first validation at or below it (``n/a`` if none). The target is
   ``--target-valid-loss``, by default the worst of the runs' best valid losses;
-- the best valid loss; test sacreBLEU (``score.py``, beam ``--beam``), or for summarization
+- the best valid loss; test sacreBLEU (``examples/translation/score.py``, beam ``--beam``), or for
+  summarization
   ROUGE-1/2/L (``examples/summarization/score.py``, BART's generation settings: beam 4, lenpen 2,
   max-len-b 140, min-len 55, no-repeat-ngram 3, each changeable), with the training gating and
   with ``--model-overrides "{'moe_eval_gating': 'top1'}"`` (MoE runs only);
@@ -57,12 +60,11 @@ adaptive T = 0.1 run when no top-2 run is present), and each run's logs under ``
 ``--force`` reruns it. Bad input (a missing data-bin, an unknown scheme, a bad T) gets one line on
 stderr and exit status 2, and nothing is written.
 
-    python examples/translation/compare.py --data-bin data-bin --out compare-out --max-update 400
-    python examples/translation/compare.py --data-bin data-bin/cnndm --out cmp-sum --max-update 300
+    python -m experiments.compare --data-bin data-bin --out compare-out --max-update 400
+    python -m experiments.compare --data-bin data-bin/cnndm --out cmp-sum --max-update 300
 """
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -74,13 +76,13 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-BIN = Path(sys.executable).parent
-USER_DIR = ROOT / "fairseq_adaptive_moe"
-TIMED_TRAIN = Path(__file__).resolve().with_name("timed_train.py")
-SCHEMES = ("dense", "top1", "top2", "adaptive")
-SUMMARIZATION_RECIPE = ROOT / "examples" / "summarization" / "recipe.py"
+from . import ROOT, child_env, module_argv
+from . import flags as fl
+from .flags import SCHEMES, USER_DIR, scheme_flags
+
+PROG = "compare.py"
+SCORE = {"translation": ROOT / "examples" / "translation" / "score.py",
+         "summarization": ROOT / "examples" / "summarization" / "score.py"}
 KINDS = ("auto", "translation", "summarization")
 # per task kind: arch, lr, beam, max-len-b, min-len, lenpen, no-repeat-ngram-size
 KIND_DEFAULTS = {
@@ -104,8 +106,8 @@ class BadInput(Exception):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-bin", type=Path, required=True,
-                   help="a data-bin made by prepare.py (with raw/test.en), or by "
-                        "examples/summarization/prepare.py (with raw/test.target)")
+                   help="a data-bin made by examples/translation/prepare.py (with raw/test.en), "
+                        "or by examples/summarization/prepare.py (with raw/test.target)")
     p.add_argument("--task-kind", choices=KINDS, default="auto",
                    help="translation (BLEU) or summarization (ROUGE, BART recipe); auto: "
                         "summarization iff the data-bin has dict.source.txt")
@@ -168,14 +170,6 @@ def reference(args):
     return args.data_bin / "raw" / ("test.target" if args.task_kind == "summarization" else "test.en")
 
 
-def summarization_recipe():
-    """``examples/summarization/recipe.py``: the BART recipe's train and generate flags."""
-    spec = importlib.util.spec_from_file_location("summarization_recipe", SUMMARIZATION_RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def parse_threshold(text):
     try:
         t = float(text)
@@ -189,7 +183,8 @@ def parse_threshold(text):
 def plan_runs(args):
     """[(name, scheme, T or None)] in run order; raises BadInput."""
     if not (args.data_bin / "dict.en.txt").is_file() and not any(args.data_bin.glob("dict.*.txt")):
-        raise BadInput(f"no data-bin at {args.data_bin} (run prepare.py first)")
+        raise BadInput(f"no data-bin at {args.data_bin} (run examples/translation/prepare.py "
+                       "first)")
     resolve_kind(args)
     if not reference(args).is_file():
         raise BadInput(f"{reference(args)} is missing (make the data-bin with "
@@ -239,7 +234,7 @@ def parse_seeds(args):
 def train_flags(args, scheme, threshold, save_dir, seed=None):
     seed = args.seed if seed is None else seed
     if args.task_kind == "summarization":
-        return summarization_recipe().train_flags(
+        return fl.bart_summarization_flags(
             args.data_bin, save_dir, scheme, threshold, args.arch, args.max_update,
             args.max_tokens, args.lr, args.warmup_updates, args.max_source_positions, seed,
             args.restore_file, cpu=not args.gpu,
@@ -247,35 +242,17 @@ def train_flags(args, scheme, threshold, save_dir, seed=None):
             extra=(["--fp16"] if args.gpu else []) + shlex.split(args.extra))
     warmup = args.warmup_updates if args.warmup_updates is not None else \
         max(1, min(400, args.max_update // 2))
-    flags = [
-        str(args.data_bin), "--user-dir", str(USER_DIR), "--task", "translation",
-        "--arch", args.arch, "--share-all-embeddings",
-        "--criterion", "adaptive_moe_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-        "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(args.lr),
-        "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(warmup),
-        "--dropout", "0.1", "--weight-decay", "0.0001",
-        "--max-tokens", str(args.max_tokens), "--max-update", str(args.max_update),
-        "--validate-interval-updates", str(args.validate_interval_updates),
-        "--validate-interval", "1000000", "--save-interval", "1000000",
-        "--no-epoch-checkpoints", "--fp16" if args.gpu else "--cpu", "--seed", str(seed),
-        "--save-dir", str(save_dir), "--log-format", "json", "--log-interval", "10",
-        "--no-progress-bar",
-    ]
+    flags = (fl.translation_recipe(args.data_bin, args.arch, args.lr, warmup)
+             + ["--max-tokens", str(args.max_tokens), "--max-update", str(args.max_update)]
+             + fl.validation_flags(args.validate_interval_updates) + ["--no-epoch-checkpoints"]
+             + fl.device_flags(args.gpu) + ["--seed", str(seed), "--save-dir", str(save_dir)]
+             + fl.log_flags(10))
     return flags + scheme_flags(scheme, threshold) + shlex.split(args.extra)
 
 
-def scheme_flags(scheme, threshold):
-    """The fairseq-train flags that select a scheme; every other flag is shared."""
-    if scheme == "dense":
-        return ["--moe-freq", "0"]  # no MoE layer, same code path
-    flags = ["--moe-gating", scheme]
-    return flags + (["--moe-threshold", f"{threshold:g}"] if scheme == "adaptive" else [])
-
-
 def env_for(args):
-    threads = str(args.threads)
-    return dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=threads,
-                MKL_NUM_THREADS=threads)
+    """The children's environment: ``--threads`` threads, the clone's root on PYTHONPATH."""
+    return child_env(args.threads)
 
 
 def check_call(cmd, log, env):
@@ -284,7 +261,8 @@ def check_call(cmd, log, env):
                               env=env, text=True)
     if proc.returncode != 0:
         tail = Path(log).read_text(errors="replace").strip().splitlines()[-1:] or [""]
-        raise RuntimeError(f"{Path(cmd[0]).name} failed ({proc.returncode}), see {log}: {tail[0]}")
+        name = cmd[2] if len(cmd) > 2 and cmd[1] == "-m" else Path(cmd[0]).name
+        raise RuntimeError(f"{name} failed ({proc.returncode}), see {log}: {tail[0]}")
 
 
 def records(log, tag):
@@ -398,14 +376,14 @@ def generate_child(spec_path):
 
 
 def score(args, gen):
-    """BLEU (a number) or, for summarization, the ROUGE record of ``score.py --json``."""
-    if args.task_kind == "summarization":
-        return summarization_recipe().score(gen, reference(args))
-    scorer = subprocess.run([sys.executable, HERE / "score.py", gen, reference(args), "--json"],
+    """BLEU (a number) or, for summarization, the ROUGE record: the task's
+    ``examples/<task>/score.py --json``, the script a user scores with."""
+    scorer = subprocess.run([sys.executable, SCORE[args.task_kind], gen, reference(args), "--json"],
                             capture_output=True, text=True, env=env_for(args))
     if scorer.returncode != 0:
         raise RuntimeError(f"score.py failed: {scorer.stderr.strip()}")
-    return json.loads(scorer.stdout)["bleu"]
+    record = json.loads(scorer.stdout)
+    return record if args.task_kind == "summarization" else record["bleu"]
 
 
 def eval_settings(args):
@@ -414,11 +392,10 @@ def eval_settings(args):
 
 def generate_argv(args, checkpoint, gating):
     if args.task_kind == "summarization":
-        recipe = summarization_recipe()
         record = json.loads((args.data_bin / "prepare.json").read_text()) \
             if (args.data_bin / "prepare.json").is_file() else {}
-        return recipe.generate_args(args.data_bin, checkpoint, gating, "test", record,
-                                    cpu=not args.gpu, **eval_settings(args))
+        return fl.bart_generate_flags(args.data_bin, checkpoint, gating, "test", record,
+                                      cpu=not args.gpu, **eval_settings(args))
     argv = [str(args.data_bin), "--user-dir", str(USER_DIR), "--path", str(checkpoint),
             "--gen-subset", "test", "--max-tokens", "8000",
             "--post-process", "sentencepiece", "--required-batch-size-multiple", "1"]
@@ -437,7 +414,7 @@ def evaluate(args, run_dir, moe):
     evals = {g: generate_argv(args, checkpoint, g) for g in (("train", "top1") if moe else ("train",))}
     spec = [(str(run_dir / f"gen-{name}.txt"), argv) for name, argv in evals.items()]
     (run_dir / "generate.json").write_text(json.dumps(spec))
-    check_call([sys.executable, Path(__file__).resolve(), "--generate", run_dir / "generate.json"],
+    check_call(module_argv("compare", "--generate", run_dir / "generate.json"),
                run_dir / "generate.log", env_for(args))
     return {name: score(args, run_dir / f"gen-{name}.txt") for name in evals}
 
@@ -461,8 +438,7 @@ def run_one(args, name, scheme, threshold, seed=None, base=None):
     print(f"[{name}] + {command}", flush=True)
     timing = run_dir / "timing.jsonl"
     begin = time.perf_counter()
-    check_call([sys.executable, TIMED_TRAIN, timing, *flags], run_dir / "train.log",
-               env_for(args))
+    check_call(module_argv("timed_train", timing, *flags), run_dir / "train.log", env_for(args))
     process_wall = time.perf_counter() - begin
     events = [json.loads(x) for x in timing.read_text().splitlines() if x.strip()]
     steps = [e for e in events if "valid_loss" not in e]
@@ -600,7 +576,7 @@ def render(args, results, target, ref_name, argv):
     header, cells, scoring = quality(args)
     lines = [
         f"# Gating schemes compared ({args.arch}, {args.max_update} updates)", "",
-        f"Command: `python examples/translation/compare.py {shlex.join(argv)}`", "",
+        f"Command: `python -m experiments.compare {shlex.join(argv)}`", "",
         f"Machine: {machine(args.gpu)}; "
         f"{'--fp16 training' if args.gpu else f'{args.threads} threads per run'}, "
         "runs one at a time.", "",
@@ -610,8 +586,8 @@ def render(args, results, target, ref_name, argv):
         + ("per source + target token" if results[0].get("src_len") is None else
            f"per token, the mean over an article ({results[0]['src_len']:.1f} tokens) and its "
            f"summary ({ref['ctx_len']:.1f})")
-        + ", from the config and the measured routing (last training epoch); see compare.py's "
-        "docstring.", "",
+        + ", from the config and the measured routing (last training epoch); see "
+        "experiments/compare.py's docstring.", "",
         "| run | T | time to N updates (s) | norm. | time to target (s, @update) | norm. | "
         f"best valid loss | {header} | 2x share train / valid | MFLOPs/token | "
         "FLOPs vs ref |",
@@ -680,7 +656,7 @@ def main(argv=None) -> int:
         runs = plan_runs(args)
         seeds = parse_seeds(args)
     except BadInput as e:
-        print(f"compare.py: {e}", file=sys.stderr)
+        print(f"{PROG}: {e}", file=sys.stderr)
         return 2
     args.data_bin = args.data_bin.resolve()
     args.out = args.out.resolve()
@@ -692,7 +668,7 @@ def main(argv=None) -> int:
                 run = f"{name}-s{seed}" if len(seeds) > 1 else name
                 results.append(run_one(args, run, scheme, threshold, seed, name))
     except RuntimeError as e:
-        print(f"compare.py: {e}", file=sys.stderr)
+        print(f"{PROG}: {e}", file=sys.stderr)
         return 1
 
     target = args.target_valid_loss

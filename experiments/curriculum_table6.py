@@ -15,7 +15,7 @@ the same statistics, so that the complexity of its batches is logged as well. Re
   loss both runs reach); validation time is left out of both, epoch-boundary work is in;
 - sacreBLEU on the test set (beam 5) after the last update.
 
-    python examples/translation/curriculum_table6.py --out table6-out
+    python -m experiments.curriculum_table6 --out table6-out
 
 Writes ``OUT/table6.md`` (the table) and ``OUT/table6.json``; the logs stay under ``OUT/<run>``.
 CPU only. Timings are wall-clock; by default the two runs train at the same time, one thread
@@ -33,10 +33,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
+from . import ROOT, child_env, module_argv
+from . import flags as fl
+
+PROG = "curriculum_table6.py"
 BIN = Path(sys.executable).parent
-TIMED_TRAIN = Path(__file__).resolve().with_name("timed_train.py")
+TRANSLATION = ROOT / "examples" / "translation"  # the user's prepare.py and score.py
 SPREAD = re.compile(r"epoch (\d+) \|.*\| (\d+) batches \| batch 2x share min ([\d.]+) median "
                     r"([\d.]+) max ([\d.]+) \| within-batch std ([\d.]+)")
 
@@ -66,29 +68,23 @@ def parse_args(argv=None):
 
 
 def train_flags(args, data_bin, save_dir):
-    return [
-        str(data_bin), "--user-dir", str(ROOT / "fairseq_adaptive_moe"),
-        "--task", "adaptive_moe_translation", "--arch", "adaptive_moe_transformer_tiny",
-        "--share-all-embeddings", "--criterion", "adaptive_moe_label_smoothed_cross_entropy",
-        "--label-smoothing", "0.1", "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)",
-        "--lr", "2e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "200",
-        "--dropout", "0.1", "--max-tokens", str(args.max_tokens),
-        "--max-update", str(args.max_update), "--validate-interval-updates",
-        str(args.validate_every), "--validate-interval", "1000", "--save-interval", "1000",
-        "--no-epoch-checkpoints",
-        "--cpu", "--seed", str(args.seed), "--save-dir", str(save_dir),
-        "--log-format", "json", "--log-interval", "1", "--no-progress-bar",
-    ] + args.extra.split()
+    return (fl.translation_recipe(data_bin, "adaptive_moe_transformer_tiny", "2e-3", 200,
+                                  task="adaptive_moe_translation", weight_decay=None)
+            + ["--max-tokens", str(args.max_tokens), "--max-update", str(args.max_update)]
+            + fl.validation_flags(args.validate_every, never=1000) + ["--no-epoch-checkpoints"]
+            + fl.device_flags(gpu=False) + ["--seed", str(args.seed), "--save-dir", str(save_dir)]
+            + fl.log_flags(1) + args.extra.split())
 
 
 def run(cmd, log=None):
+    """Run ``cmd`` to the end; RuntimeError naming it (and its log) if it fails."""
     print("+ " + " ".join(map(str, cmd)), flush=True)
     with open(log or os.devnull, "w") as f:
         proc = subprocess.run(list(map(str, cmd)), stdout=f if log else None,
-                              stderr=subprocess.STDOUT if log else None, text=True)
+                              stderr=subprocess.STDOUT if log else None, text=True,
+                              env=child_env())
     if proc.returncode != 0:
-        sys.exit(f"curriculum_table6.py: failed ({proc.returncode}): {cmd[0]}"
-                 + (f", see {log}" if log else ""))
+        raise RuntimeError(f"failed ({proc.returncode}): {cmd[0]}" + (f", see {log}" if log else ""))
 
 
 def start(cmd, log, env):
@@ -99,7 +95,7 @@ def start(cmd, log, env):
 
 def wait(proc, log):
     if proc.wait() != 0:
-        sys.exit(f"curriculum_table6.py: fairseq-train failed ({proc.returncode}), see {log}")
+        raise RuntimeError(f"fairseq-train failed ({proc.returncode}), see {log}")
 
 
 def percentile(values, q):
@@ -150,20 +146,29 @@ def summarize(run_dir, curriculum_start):
 
 def bleu(args, data_bin, run_dir):
     gen = run_dir / "gen.txt"
-    run([BIN / "fairseq-generate", data_bin, "--user-dir", ROOT / "fairseq_adaptive_moe",
+    run([BIN / "fairseq-generate", data_bin, "--user-dir", fl.USER_DIR,
          "--path", run_dir / "checkpoint_last.pt", "--gen-subset", "test", "--cpu", "--beam", "5",
          "--max-tokens", "8000", "--required-batch-size-multiple", "1",
          "--post-process", "sentencepiece"], log=gen)
-    proc = subprocess.run([sys.executable, HERE / "score.py", gen, data_bin / "raw" / "test.en",
-                           "--json"], capture_output=True, text=True, check=True)
+    proc = subprocess.run([sys.executable, TRANSLATION / "score.py", gen,
+                           data_bin / "raw" / "test.en", "--json"], capture_output=True, text=True,
+                          check=True)
     return json.loads(proc.stdout)["bleu"]
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        return table6(args)
+    except RuntimeError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
+
+
+def table6(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     data_bin = args.out / "data-bin"
-    run([sys.executable, HERE / "prepare.py", "--data", args.data, "--out", data_bin,
+    run([sys.executable, TRANSLATION / "prepare.py", "--data", args.data, "--out", data_bin,
          "--vocab-size", args.vocab_size, "--max-train-lines", args.train_lines,
          "--max-eval-lines", args.eval_lines])
 
@@ -181,10 +186,9 @@ def main(argv=None):
         if dirs[name].exists():
             shutil.rmtree(dirs[name])
         dirs[name].mkdir(parents=True)
-        env = dict(os.environ, PYTHONWARNINGS="ignore")
-        env["OMP_NUM_THREADS"] = "2" if args.sequential else "1"
-        cmd = [sys.executable, TIMED_TRAIN, dirs[name] / "timing.jsonl",
-               *train_flags(args, data_bin, dirs[name]), *flags]
+        env = child_env(OMP_NUM_THREADS="2" if args.sequential else "1")
+        cmd = module_argv("timed_train", dirs[name] / "timing.jsonl",
+                          *train_flags(args, data_bin, dirs[name]), *flags)
         children[name] = start(cmd, dirs[name] / "train.log", env)
         if args.sequential:
             wait(children[name], dirs[name] / "train.log")

@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """The fast-compute targets, met or missed, from the measurements on disk.
 
-    python scripts/targets.py docs/results/bench/bench.json docs/results/throughput/small-long/throughput.json
-    python scripts/targets.py gpu_check.tgz          # what a device call of gpu_check.sh returned
+    python -m experiments.targets docs/results/bench/bench.json docs/results/throughput/small-long/throughput.json
+    python -m experiments.targets OUT/gpu_check.tgz   # the archive of the GPU suite (experiments/gpu/run.sh)
 
-Each PATH is a bench.json (adaptive-moe-bench), a throughput.json (throughput.py), a folder
-searched for both, or a gpu_check.tgz. Prints one markdown table: each target with the figure that
+Each PATH is a bench.json (adaptive-moe-bench), a throughput.json (``experiments.throughput``), a
+folder searched for both, or a gpu_check.tgz. Prints one markdown table: each target with the figure that
 decides it and its run's machine, "met" or "missed", or "not measured" where no run fits (a GPU
 target needs a CUDA bf16 bench at the paper's shape, the CPU target a bench at the CPU mode's
-shape, the end-to-end target a ``--gpu`` throughput run); where several fit, the last decides. Below it, figures with no target of their own: the layer under fairseq's
+shape, the end-to-end target a ``--gpu`` throughput run); where several fit, the last decides. Below
+it, figures with no target of their own: the layer under fairseq's
 ``--fp16`` (fp16 weights, bf16 GEMMs) against bf16, the trimmed plan and the compiled and graphed
 variants against ``ours``. ``--json`` prints the rows as JSON instead.
 
@@ -23,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from fairseq_adaptive_moe.cli.bench import PRESETS
+from fairseq_adaptive_moe.tools.bench import PRESETS
 
 PROG = "targets.py"
 SHAPE_KEYS = ("experts", "dim", "ffn")

@@ -2,8 +2,9 @@
 """End-to-end training throughput: words/s of adaptive gating against top-2, and the MoE layers'
 share of the step.
 
-Each scheme trains with identical fairseq-train flags except the gating (as in ``compare.py``),
-in its own process through ``timed_train.py --moe-timing``, one after the other:
+Each scheme trains with identical fairseq-train flags except the gating (``experiments.flags``,
+as in ``experiments.compare``), in its own process through ``experiments.timed_train
+--moe-timing``, one after the other:
 
 - words/s: target tokens (fairseq's ``wps`` numerator) over the summed ``Trainer.train_step``
   wall time of the updates after the first ``--skip`` (start-up, allocator and cuDNN warm-up);
@@ -20,13 +21,13 @@ one training settles at; the table prints it beside every figure.
 ``--windows N`` adds a table over consecutive windows of N updates, which shows the speed-up
 growing as the gate settles; ``--reuse-runs`` rewrites the tables from the runs already on disk.
 
-    python examples/translation/throughput.py --data-bin data-bin --out tp-out --max-update 200 --skip 100
-    python examples/translation/throughput.py --data-bin data-bin --out tp-gpu --gpu \\
+    python -m experiments.throughput --data-bin data-bin --out tp-out --max-update 200 --skip 100
+    python -m experiments.throughput --data-bin data-bin --out tp-gpu --gpu \\
         --arch adaptive_moe_transformer_wmt19_de_en --max-tokens 8192 --max-update 300 --skip 200
 
 ``--time-budget SECONDS`` trains each scheme for that long instead (fairseq's
-``--stop-time-hours``, capped by ``--max-update``), for a lease of fixed length; the figures then
-cover the updates that every scheme reached.
+``--stop-time-hours``, capped by ``--max-update``), so that a run of the whole suite takes a known
+time; the figures then cover the updates that every scheme reached.
 
 Writes ``OUT/throughput.md``, ``OUT/throughput.json`` and each run's ``train.log`` and
 ``timing.jsonl`` under ``OUT/runs/SCHEME/``. Bad input: one line on stderr, exit status 2,
@@ -34,7 +35,6 @@ nothing written.
 """
 
 import argparse
-import importlib.util
 import json
 import shlex
 import statistics
@@ -44,22 +44,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-USER_DIR = ROOT / "fairseq_adaptive_moe"
-TIMED_TRAIN = HERE / "timed_train.py"
+from . import compare  # fairseq json log records, the machine line, the children's environment
+from . import flags as fl
+from . import module_argv
+from .flags import SCHEMES
+
 PROG = "throughput.py"
-
-
-def _load_compare():
-    spec = importlib.util.spec_from_file_location("compare", HERE / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-compare = _load_compare()  # the sibling runner: scheme flags, fairseq json log records
-SCHEMES = compare.SCHEMES
 
 
 class BadInput(Exception):
@@ -73,7 +63,8 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     p = _Parser(prog=PROG, description=__doc__.splitlines()[0])
-    p.add_argument("--data-bin", type=Path, required=True, help="a data-bin from prepare.py")
+    p.add_argument("--data-bin", type=Path, required=True,
+                   help="a data-bin from examples/translation/prepare.py")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--schemes", default="top2,adaptive",
                    help="comma-separated, the first is the reference (top2,adaptive)")
@@ -141,8 +132,7 @@ def run_files(args, scheme):
 
 def run_command(args, scheme) -> list:
     run, timing, _ = run_files(args, scheme)
-    return ([sys.executable, str(TIMED_TRAIN), "--moe-timing", str(timing)]
-            + train_flags(args, scheme, run))
+    return module_argv("timed_train", "--moe-timing", timing) + train_flags(args, scheme, run)
 
 
 def check_reusable(args, schemes):
@@ -158,25 +148,19 @@ def check_reusable(args, schemes):
 
 
 def train_flags(args, scheme, save_dir):
-    flags = [
-        str(args.data_bin), "--user-dir", str(USER_DIR), "--task", "translation",
-        "--arch", args.arch, "--share-all-embeddings",
-        "--criterion", "adaptive_moe_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-        "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(args.lr),
-        "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(args.warmup_updates),
-        "--dropout", "0.1", "--max-tokens", str(args.max_tokens),
-        "--max-update", str(args.max_update), "--disable-validation", "--no-save",
-        "--seed", str(args.seed), "--save-dir", str(save_dir),
-        "--log-format", "json", "--log-interval", "10", "--no-progress-bar",
-    ]
-    flags += ["--fp16"] if args.gpu else ["--cpu"]
+    flags = (fl.translation_recipe(args.data_bin, args.arch, args.lr, args.warmup_updates,
+                                   weight_decay=None)
+             + ["--max-tokens", str(args.max_tokens), "--max-update", str(args.max_update),
+                "--disable-validation", "--no-save", "--seed", str(args.seed),
+                "--save-dir", str(save_dir)]
+             + fl.log_flags(10) + fl.device_flags(args.gpu))
     if args.time_budget:
         flags += ["--stop-time-hours", repr(args.time_budget / 3600)]
-    return flags + compare.scheme_flags(scheme, args.threshold) + shlex.split(args.extra)
+    return flags + fl.scheme_flags(scheme, args.threshold) + shlex.split(args.extra)
 
 
 def timed_steps(timing: Path) -> list:
-    """A run's per-update records from timed_train.py's timing.jsonl."""
+    """A run's per-update records from experiments.timed_train's timing.jsonl."""
     return [r for r in map(json.loads, timing.read_text().splitlines()) if "step_s" in r]
 
 
@@ -224,7 +208,7 @@ def render(args, results, schemes, argv, stop: int) -> str:
                   + ".")
     lines = [
         f"# Training throughput: {', '.join(schemes)}", "",
-        f"`python examples/translation/throughput.py {shlex.join(argv)}`", "",
+        f"`python -m experiments.throughput {shlex.join(argv)}`", "",
         f"Machine: {results['_machine']}. Arch `{args.arch}`, --max-tokens {args.max_tokens}, "
         f"{'GPU --fp16' if args.gpu else 'CPU fp32'}; figures over updates {args.skip + 1}-"
         f"{stop} of each run.{budget}", "",

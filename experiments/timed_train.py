@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run fairseq-train in this process and time every update and every validation.
 
-    python examples/translation/timed_train.py [--moe-timing] TIMING.jsonl [fairseq-train arguments ...]
+    python -m experiments.timed_train [--moe-timing] TIMING.jsonl [fairseq-train arguments ...]
 
 TIMING.jsonl gets one line per update, ``{"update", "step_s", "train_wall_s", "words"}``
 (``words``: target tokens in the update's batches on this rank, fairseq's ``wps`` numerator), and
@@ -9,8 +9,8 @@ one per validation, ``{"update", "valid_loss", "train_wall_s"}``. With ``--moe-t
 update line also has ``moe_fwd_ms`` and ``moe_bwd_ms``, the time inside the MoE layers
 (``fairseq_adaptive_moe.moe.MoETimer``; on CUDA it syncs once per update to read its events). ``train_wall_s`` is training wall time
 since the first update, with validation time left out. torch uses ``OMP_NUM_THREADS`` threads
-(default 2), so runs started with the same setting are comparable. Used by ``compare.py`` and
-``curriculum_table6.py``.
+(default 2), so runs started with the same setting are comparable. Used by
+``experiments.compare``, ``experiments.throughput`` and ``experiments.curriculum_table6``.
 """
 
 import json
@@ -73,5 +73,6 @@ if __name__ == "__main__":
     moe_timing = bool(args) and args[0] == "--moe-timing"
     args = args[1:] if moe_timing else args
     if not args:
-        sys.exit("usage: timed_train.py [--moe-timing] TIMING.jsonl [fairseq-train arguments ...]")
+        sys.exit("usage: python -m experiments.timed_train [--moe-timing] TIMING.jsonl "
+                 "[fairseq-train arguments ...]")
     main(args[0], args[1:], moe_timing)

@@ -11,7 +11,8 @@ import torch
 import fairseq_adaptive_moe  # noqa: F401  (what --user-dir does: registers, allows checkpoints)
 from conftest import USER_DIR, load_script, run_cli, shared_data
 from fairseq_adaptive_moe.cli import routing, upcycle
-from fairseq_adaptive_moe.models.adaptive_moe_bart import AdaptiveMoEBARTModel, moe_layers
+from fairseq_adaptive_moe import errors
+from fairseq_adaptive_moe.models.adaptive_moe_bart import AdaptiveMoEBARTModel, MoECheckpointError, moe_layers
 
 TINY = ["--encoder-layers", "2", "--decoder-layers", "2", "--encoder-embed-dim", "64",
         "--decoder-embed-dim", "64", "--encoder-ffn-embed-dim", "128",
@@ -149,10 +150,11 @@ def test_moe_checkpoint_mismatch_one_line(dense_bart, cnndm_bin, capsys):
                                               "but this model's is dense")):
         other = copy.deepcopy(args)
         setattr(other, key, value)
-        with pytest.raises(SystemExit) as info:
+        with pytest.raises(MoECheckpointError) as info:  # one line at fairseq's error boundary
             task.build_model(other).load_state_dict(dict(state), strict=True)
-        err = capsys.readouterr().err.strip().splitlines()
-        assert info.value.code == 1 and len(err) == 1 and message in err[0], err
+        err = errors.one_line(info.value)
+        assert err == str(info.value) and message in err, err
+        assert err.startswith("cannot load the checkpoint into adaptive_moe_bart"), err
 
 
 def test_restore_file_trains_on(dense_bart, cnndm_bin, tmp_path):

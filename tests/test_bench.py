@@ -1,17 +1,19 @@
-"""adaptive-moe-bench: the run completes and records everything; no timing assertions."""
+"""adaptive-moe-bench (cli) and its library (tools.bench): the run completes and records
+everything; no timing assertions."""
 
 import json
 
 import pytest
 import torch
 
-from fairseq_adaptive_moe.cli import bench
+from fairseq_adaptive_moe.cli import bench as cli
+from fairseq_adaptive_moe.tools import bench
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "out"
-    rc = bench.main(["--device", "cpu", "--quick", "--out", str(out)])
+    rc = cli.main(["--device", "cpu", "--quick", "--out", str(out)])
     return rc, out
 
 
@@ -84,7 +86,7 @@ def test_top2_crafted_decision_equals_top2_routing():
 ])
 def test_bad_flags_exit_2_and_write_nothing(argv, tmp_path, capsys):
     out = tmp_path / "out"
-    assert bench.main(argv + ["--quick", "--out", str(out)]) == 2
+    assert cli.main(argv + ["--quick", "--out", str(out)]) == 2
     assert not out.exists()
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -95,7 +97,7 @@ def test_bad_flags_exit_2_and_write_nothing(argv, tmp_path, capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_gpu_exits_2(tmp_path, capsys):
     out = tmp_path / "out"
-    assert bench.main(["--device", "cuda", "--out", str(out)]) == 2
+    assert cli.main(["--device", "cuda", "--out", str(out)]) == 2
     assert not out.exists()
     assert "no CUDA device" in capsys.readouterr().err
 
@@ -104,7 +106,7 @@ def test_correctness_guard_fails_loudly(monkeypatch, tmp_path, capsys):
     reference = bench.loop_moe
     monkeypatch.setattr(bench, "loop_moe", lambda x, d, e: reference(x, d, e) * 1.01)
     out = tmp_path / "out"
-    assert bench.main(["--quick", "--implementations", "ours,loop", "--out", str(out)]) == 1
+    assert cli.main(["--quick", "--implementations", "ours,loop", "--out", str(out)]) == 1
     assert "correctness check failed: ours != loop" in capsys.readouterr().err
     assert not out.exists()
 
@@ -121,7 +123,7 @@ def test_each_finished_token_count_is_kept(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(bench, "loop_moe", loop_wrong_at_128)
     out = tmp_path / "out"
     argv = ["--quick", "--tokens", "64,128", "--implementations", "ours,loop", "--out", str(out)]
-    assert bench.main(argv) == 1
+    assert cli.main(argv) == 1
     assert "correctness check failed: ours != loop" in capsys.readouterr().err
     data = json.loads((out / "bench.json").read_text())
     assert data["meta"]["tokens_done"] == [64]
@@ -134,7 +136,7 @@ def test_compiled_static_variant_in_bf16(tmp_path, capsys):
     """ours_compiled (torch.compile of the static plan, fullgraph) matches the fp32 loop, forward
     and backward, at every fraction; the CUDA-graph variant says why it cannot run here."""
     out = tmp_path / "out"
-    rc = bench.main(["--quick", "--dtype", "bfloat16", "--out", str(out),
+    rc = cli.main(["--quick", "--dtype", "bfloat16", "--out", str(out),
                      "--implementations", "ours,ours_compiled,ours_graphed,loop"])
     assert rc == 0
     data = json.loads((out / "bench.json").read_text())
@@ -151,7 +153,7 @@ def test_compiled_static_variant_in_bf16(tmp_path, capsys):
 
 def test_static_variants_refuse_fp32_with_a_note(tmp_path):
     out = tmp_path / "out"
-    assert bench.main(["--quick", "--implementations", "ours,ours_compiled", "--out", str(out)]) == 0
+    assert cli.main(["--quick", "--implementations", "ours,ours_compiled", "--out", str(out)]) == 0
     data = json.loads((out / "bench.json").read_text())
     assert not [r for r in data["records"] if r["impl"] == "ours_compiled"]
     assert any(n.startswith("ours_compiled skipped: needs bf16") for n in data["notes"])
@@ -161,9 +163,47 @@ def test_trimmed_plan_when_listed(tmp_path):
     """ours_trimmed (the plan that cuts rows to the used slots; the default on CPU, a host read
     on the GPU) is checked against the fp32 loop and timed at every fraction when listed."""
     out = tmp_path / "out"
-    assert bench.main(["--quick", "--implementations", "ours,ours_trimmed,loop", "--out", str(out)]) == 0
+    assert cli.main(["--quick", "--implementations", "ours,ours_trimmed,loop", "--out", str(out)]) == 0
     data = json.loads((out / "bench.json").read_text())
     timed = sorted(r["fraction"] for r in data["records"] if r["impl"] == "ours_trimmed")
     assert timed == list(bench.DEFAULT_FRACTIONS)
     checked = {c["fraction"] for c in data["checks"] if c["impl"] == "ours_trimmed"}
     assert checked == set(bench.DEFAULT_FRACTIONS)
+
+
+def test_library_runs_without_the_cli_and_raises_instead_of_exiting(tmp_path):
+    """From Python: make_config checks like the flags (raising BadFlag, no exit), run_bench
+    measures and checks without writing anything unless given a directory."""
+    with pytest.raises(bench.BadFlag, match="--experts must be >= 2"):
+        bench.make_config("cpu", quick=True, experts=1)
+    cfg = bench.make_config("cpu", quick=True, tokens=[64], fractions=[0.5],
+                            implementations=["ours", "loop", "padded_einsum"])
+    device = torch.device("cpu")
+    run = bench.run_bench(cfg, device, bench.describe_run(cfg, device))
+    assert {(r["impl"], r["fraction"]) for r in run.records} == {
+        (i, f) for i in ("ours", "loop", "padded_einsum") for f in (0.0, 0.5)}
+    assert {c["impl"] for c in run.checks} == {"ours", "padded_einsum"}
+    assert not list(tmp_path.iterdir())
+    assert run.write_json(tmp_path).name == "bench.json"
+    assert json.loads((tmp_path / "bench.json").read_text())["meta"]["tokens_done"] == [64]
+
+
+def test_padded_einsum_columns_are_the_routing_arrival_positions():
+    """The padded dispatch puts slot (s, k) in column position_in_expert[s, k] of its expert
+    (the positions a capacity limit cuts at), so capping at C = max load drops nothing."""
+    from fairseq_adaptive_moe.moe.routing import position_in_expert
+
+    decision = bench.craft_decision(40, 4, 0.5, seed=2)
+    position = position_in_expert(decision.expert_index, decision.used, 4)
+    loads = bench.expert_loads(decision)
+    for e in range(4):
+        at_e = position[decision.used & decision.expert_index.eq(e)]
+        assert sorted(at_e.tolist()) == list(range(int(loads[e])))
+    capped = bench.route(decision.logits, "adaptive", threshold=bench.THRESHOLD,
+                         capacity=int(loads.max()))
+    assert torch.equal(capped.used, decision.used)
+    torch.manual_seed(0)
+    experts = bench.ExpertFFN(4, 8, 16, seed=0)
+    x = torch.randn(40, 8)
+    torch.testing.assert_close(bench.padded_einsum_moe(x, decision, experts),
+                               bench.loop_moe(x, decision, experts), atol=1e-5, rtol=1e-5)

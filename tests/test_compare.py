@@ -1,12 +1,10 @@
-"""examples/translation/compare.py: paper Table 3 / 5 at small scale, end to end on a tiny slice."""
+"""experiments.compare: paper Table 3 / 5 at small scale, end to end on a tiny slice."""
 
 import json
 
 import pytest
 
-from conftest import load_script
-
-compare = load_script("examples/translation/compare.py")
+from experiments import compare
 
 
 @pytest.fixture(scope="module")

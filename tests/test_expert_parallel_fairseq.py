@@ -282,7 +282,7 @@ def test_bad_expert_parallel_size_fails_cleanly(m30k_bin, tmp_path, size, messag
 def test_unsupported_settings_are_refused(flags, named, monkeypatch):
     from argparse import Namespace
 
-    from fairseq_adaptive_moe.expert_parallel import ExpertParallelError, check_args
+    from fairseq_adaptive_moe.distributed import ExpertParallelError, check_args
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     args = Namespace(moe_expert_parallel_size=2, moe_expert_count=4, ddp_backend="legacy_ddp")

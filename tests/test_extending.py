@@ -1,4 +1,4 @@
-"""Building on the plugin: the decoder-only LM, the README how-to, and a custom architecture."""
+"""Building on the plugin: the decoder-only LM, the docs/extending.md how-to, a custom architecture."""
 
 import json
 import logging
@@ -64,7 +64,7 @@ def test_lm_trains_resumes_and_evaluates(news_en_bin, tmp_path):
 
 
 def readme_howto() -> str:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    text = (ROOT / "docs" / "extending.md").read_text(encoding="utf-8")
     block = text.split("<!-- howto:begin -->", 1)[1].split("<!-- howto:end -->", 1)[0]
     return block.split("```python", 1)[1].split("```", 1)[0]
 

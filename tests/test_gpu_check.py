@@ -1,4 +1,4 @@
-"""scripts/gpu_check.sh: the one-call GPU measurement script, run at toy size on the CPU."""
+"""experiments/gpu/run.sh: the GPU measurement suite in one command, run at toy size on the CPU."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import time
 
 from conftest import ROOT
 
-SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+SCRIPT = ROOT / "experiments" / "gpu" / "run.sh"
 
 
 def run(out, *stages, work, **env_extra):
@@ -20,7 +20,7 @@ def run(out, *stages, work, **env_extra):
 
 
 def unpacked(out, dest):
-    """OUT holds only the archive and the summary (the device call returns at most 8 files)."""
+    """OUT holds only the archive and the summary: one file to copy back, one to read."""
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.tgz", "summary.txt"]
     with tarfile.open(out / "gpu_check.tgz") as tar:
         tar.extractall(dest, filter="data")

@@ -11,6 +11,7 @@ from fairseq_adaptive_moe.moe import dispatch
 from fairseq_adaptive_moe.moe import (
     ExpertFFN, GateConfigError, MoELayer, TopKGate, balance_loss, route, z_loss,
 )
+from fairseq_adaptive_moe.moe.reference import loop_moe
 
 
 def logits_from_probs(rows):
@@ -27,16 +28,29 @@ def make_layer(num_experts=4, dim=8, ffn=16, policy="adaptive", seed=0, **gate_k
 
 
 def reference_moe(layer, x, decision):
-    """Per-token, per-slot loop: the definition the fast path must equal."""
+    """The per-expert loop (``moe.reference.loop_moe``, also the bench's oracle): the definition
+    the fast path must equal."""
+    return loop_moe(x, decision, layer.experts)
+
+
+def test_loop_reference_is_the_per_token_sum_over_used_slots():
+    """The oracle itself, against the formula written out token by token:
+    out[s] = sum over used k of weight[s, k] * FFN_{expert[s, k]}(x[s]), padding 0."""
+    layer = make_layer(5, 8, 12, "adaptive", threshold=0.15)
+    x = torch.randn(23, 8)
+    mask = torch.ones(23, dtype=torch.bool)
+    mask[[0, 7]] = False
+    decision = layer.gate(x, mask)
+    assert decision.experts_per_token.eq(2).any() and decision.experts_per_token.eq(1).any()
     e = layer.experts
-    out = torch.zeros_like(x)
+    expected = torch.zeros_like(x)
     for s in range(x.shape[0]):
         for k in range(decision.used.shape[1]):
             if decision.used[s, k]:
                 j = int(decision.expert_index[s, k])
                 h = e.activation_fn(x[s] @ e.fc1_weight[j] + e.fc1_bias[j])
-                out[s] = out[s] + decision.weight[s, k] * (h @ e.fc2_weight[j] + e.fc2_bias[j])
-    return out
+                expected[s] += decision.weight[s, k] * (h @ e.fc2_weight[j] + e.fc2_bias[j])
+    torch.testing.assert_close(loop_moe(x, decision, e), expected, atol=1e-6, rtol=1e-5)
 
 
 # ---- routing on hand-built logits -------------------------------------------------------------

@@ -97,3 +97,27 @@ def test_timer_cannot_nest():
     with MoETimer() as timer:
         with pytest.raises(RuntimeError, match="already active"):
             timer.__enter__()
+
+
+def test_timer_on_a_module_hooks_only_its_layers_and_leaves_nothing_behind():
+    block, other, x = Block(), Block(), torch.randn(40, 16)
+    original = MoELayer.forward
+    with MoETimer(block) as timer:
+        step(other, x)  # another model's layer: not timed
+        assert timer.collect() == (0, 0)
+        assert MoELayer.forward is original  # per-layer hooks, the class is untouched
+        timed = step(block, x)
+        fwd, bwd = timer.collect()
+    assert fwd > 0 and bwd > 0
+    assert not block.moe._forward_hooks and not block.moe._forward_pre_hooks
+    assert all(torch.equal(a, b) for a, b in zip(step(block, x), timed))
+    assert timer.collect() == (0, 0)  # and after exit, nothing more is recorded
+
+
+def test_timer_without_a_module_removes_its_global_hooks():
+    block, x = Block(), torch.randn(40, 16)
+    with MoETimer() as timer:
+        step(block, x)
+        assert timer.collect()[0] > 0
+    step(block, x)
+    assert timer.collect() == (0, 0)

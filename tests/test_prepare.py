@@ -1,22 +1,19 @@
-"""Smoke test for examples/translation/prepare.py on a slice of Multi30k de-en."""
+"""Smoke test for examples/translation/prepare.py on a slice of Multi30k de-en, and the shared
+steps in fairseq_adaptive_moe.data.prepare."""
 
-import importlib.util
 import json
 import time
-from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "examples" / "translation" / "prepare.py"
-DATA = REPO_ROOT.parent / "shared" / "data" / "multi30k-deen"
+from conftest import SHARED_DATA, load_script
+from fairseq_adaptive_moe.data import prepare as shared
+
+DATA = SHARED_DATA / "multi30k-deen"
 
 
 def load_prepare():
-    spec = importlib.util.spec_from_file_location("prepare_translation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/translation/prepare.py")
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +118,32 @@ def test_download_fails_cleanly_when_offline(tmp_path, capsys, monkeypatch):
     assert len(err) == 1 and "cannot download" in err[0] and "--data PATH" in err[0]
     assert not out.exists()
     assert not list((tmp_path / "raw").glob("*.de"))  # nothing half-written
+
+
+def test_both_prepare_scripts_use_the_shared_steps():
+    """One implementation of each step: the scripts import it from the library."""
+    translation = load_prepare()
+    summarization = load_script("examples/summarization/prepare.py")
+    for name in ("check_inputs", "load_corpus", "train_spm", "encode_splits", "run_preprocess",
+                 "install", "read_record", "InputError"):
+        assert getattr(translation, name) is getattr(shared, name)
+    assert summarization.tp is shared and summarization.InputError is shared.InputError
+    download = load_script("examples/translation/download_wmt19.py")
+    assert download.download_error is shared.download_error
+
+
+def test_read_hypotheses_is_shared_by_both_score_scripts(tmp_path):
+    gen = tmp_path / "gen.txt"
+    gen.write_text("S-1\tsrc\nH-1\t-0.5\tpieces\nD-1\t-0.5\tHello world.\nD-0\t-0.1\tHi\n")
+    assert shared.read_hypotheses(gen) == {1: "Hello world.", 0: "Hi"}
+    for script in ("examples/translation/score.py", "examples/summarization/score.py"):
+        assert load_script(script).read_hypotheses is shared.read_hypotheses
+
+
+def test_a_vocabulary_too_large_is_noted_and_retried(tmp_path):
+    text = tmp_path / "train.txt"
+    text.write_text("a b c\nb c d\n" * 20)
+    notes = []
+    opts = shared.train_spm(text, tmp_path / "spm", 500, 1, note=notes.append)
+    assert opts["hard_vocab_limit"] is False and (tmp_path / "spm.model").is_file()
+    assert len(notes) == 1 and "too small for --vocab-size 500" in notes[0]

@@ -1,6 +1,8 @@
-"""adaptive-moe-routing and adaptive-moe-upcycle on tiny checkpoints trained here on real data (CPU)."""
+"""adaptive-moe-routing and adaptive-moe-upcycle (cli) and their libraries (tools.routing,
+tools.upcycle) on tiny checkpoints trained here on real data (CPU)."""
 
 import argparse
+import copy
 import json
 import re
 from collections import Counter
@@ -10,7 +12,9 @@ import torch
 
 import fairseq_adaptive_moe  # noqa: F401  (what --user-dir does: registers, allows checkpoints)
 from conftest import USER_DIR, run_cli
-from fairseq_adaptive_moe.cli import routing, upcycle
+from fairseq_adaptive_moe.cli import routing as routing_cli
+from fairseq_adaptive_moe.cli import upcycle as upcycle_cli
+from fairseq_adaptive_moe.tools import routing, upcycle
 from fairseq_adaptive_moe.moe import MoELayer
 
 COMMON = [
@@ -162,7 +166,7 @@ def test_plots_and_report_exist(report):
 @pytest.mark.parametrize("gating,fraction", [("top1", 0.0), ("top2", 1.0)])
 def test_eval_gating_override(moe_ckpt, m30k_bin, tmp_path, gating, fraction):
     out = tmp_path / gating
-    rc = routing.main([str(m30k_bin), "--path", str(moe_ckpt), "--gen-subset", "valid", "--out",
+    rc = routing_cli.main([str(m30k_bin), "--path", str(moe_ckpt), "--gen-subset", "valid", "--out",
                        str(out), "--moe-eval-gating", gating, "--cpu", "--no-progress-bar"])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -178,12 +182,31 @@ def test_group_words():
     assert routing.group_words(["\u2581a", "b"], "none") == ([0, 1], ["\u2581a", "b"])
 
 
+def test_plot_labels_are_the_log_key_suffixes():
+    """One short_name for the training log's keys (moe_2x_enc0 ...) and the report's labels."""
+    from fairseq_adaptive_moe.criterions import moe_logging
+
+    assert routing.short_name is moe_logging.short_name
+    assert [routing.short_name(n) for n in ("encoder.0", "decoder.11")] == ["enc0", "dec11"]
+
+
+def test_routing_library_raises_instead_of_exiting(moe_ckpt, m30k_bin, tmp_path):
+    options = routing.RoutingOptions(data=str(m30k_bin), path=str(tmp_path / "nope.pt"),
+                                     out=str(tmp_path / "out"))
+    with pytest.raises(routing.InputError, match="checkpoint not found"):
+        routing.analyse(options)
+    with pytest.raises(routing.InputError, match="--max-tokens must be >= 1"):
+        routing.analyse(routing.RoutingOptions(str(m30k_bin), str(moe_ckpt), str(tmp_path / "o"),
+                                               max_tokens=0))
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("case", ["missing", "dense", "split"])
 def test_routing_bad_input_one_line_exit_2(case, moe_ckpt, dense_ckpt, m30k_bin, tmp_path, capsys):
     path = {"missing": tmp_path / "nope.pt", "dense": dense_ckpt, "split": moe_ckpt}[case]
     split = "nosuch" if case == "split" else "valid"
     out = tmp_path / "out"
-    rc = routing.main([str(m30k_bin), "--path", str(path), "--gen-subset", split, "--out", str(out),
+    rc = routing_cli.main([str(m30k_bin), "--path", str(path), "--gen-subset", split, "--out", str(out),
                        "--cpu"])
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert rc == 2 and len(err) == 1, err
@@ -244,9 +267,49 @@ def test_upcycled_reproduces_dense_outputs(upcycled, dense_ckpt, m30k_bin, gatin
         assert multi > 0  # two experts were really combined
 
 
+def test_restore_conversion_and_upcycle_give_the_same_experts(upcycled, dense_ckpt, m30k_bin):
+    """One conversion serves both roads from a dense FFN to experts: the state-dict conversion
+    that --restore-file of a dense checkpoint runs (adaptive_moe_bart's upgrade_state_dict_named)
+    and adaptive-moe-upcycle give the same experts and the same shared weights."""
+    from fairseq import checkpoint_utils, tasks
+
+    from fairseq_adaptive_moe.models.dense_to_moe import dense_ffn_to_experts, moe_layers
+
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(dense_ckpt), {"data": str(m30k_bin)})
+    options = upcycle.moe_options(moe_expert_count=4, moe_combine_weights="renormalized")
+    args = upcycle.moe_model_args(state["cfg"].model, options)
+    model = tasks.setup_task(state["cfg"].task).build_model(args)
+    converted_state = dict(state["model"])
+    assert dense_ffn_to_experts(model, converted_state) == [
+        "encoder.layers.0", "encoder.layers.1", "decoder.layers.0", "decoder.layers.1"]
+    model.load_state_dict(converted_state, strict=True)
+    upcycled_state = torch.load(upcycled, map_location="cpu")["model"]
+    assert set(upcycled_state) == set(model.state_dict())
+    for key, value in model.state_dict().items():
+        if ".moe.gate." not in key:  # gates: each keeps its own model's init
+            assert torch.equal(value, upcycled_state[key]), key
+    names = [name for name, _ in moe_layers(model)]
+    record = torch.load(upcycled, map_location="cpu")["extra_state"]["upcycle"]
+    assert record["moe_layers"] == names == [f"{n}.moe" for n in (
+        "encoder.layers.0", "encoder.layers.1", "decoder.layers.0", "decoder.layers.1")]
+
+
+def test_upcycle_library_raises_instead_of_exiting(dense_ckpt, tmp_path):
+    options = upcycle.moe_options(moe_expert_count=4)
+    with pytest.raises(upcycle.UpcycleError, match="--noise-std must be >= 0"):
+        upcycle.upcycle_checkpoint(str(dense_ckpt), str(tmp_path / "o.pt"), options, noise_std=-1)
+    with pytest.raises(upcycle.UpcycleError, match="unknown MoE options"):
+        upcycle.moe_options(moe_experts=4)
+    bad = copy.deepcopy(options)
+    bad["moe_expert_count"] = 0
+    with pytest.raises(upcycle.UpcycleError, match="--moe-expert-count must be >= 1"):
+        upcycle.upcycle_checkpoint(str(dense_ckpt), str(tmp_path / "o.pt"), bad)
+    assert not list(tmp_path.iterdir())
+
+
 def test_noise_freq_and_gate_init(dense_ckpt, m30k_bin, tmp_path):
     out = tmp_path / "noisy.pt"
-    rc = upcycle.main([str(dense_ckpt), "-o", str(out), "--moe-expert-count", "3", "--moe-freq", "2",
+    rc = upcycle_cli.main([str(dense_ckpt), "-o", str(out), "--moe-expert-count", "3", "--moe-freq", "2",
                        "--noise-std", "0.01", "--gate-init-std", "0", "--data", str(m30k_bin)])
     assert rc == 0
     state = torch.load(out, map_location="cpu")["model"]
@@ -258,7 +321,7 @@ def test_noise_freq_and_gate_init(dense_ckpt, m30k_bin, tmp_path):
     assert all(0.007 < r < 0.013 for r in rel), rel
     assert not torch.equal(w[0], w[1])
     assert torch.count_nonzero(state["decoder.layers.1.moe.gate.wg.weight"]) == 0
-    rc = upcycle.main([str(dense_ckpt), "-o", str(tmp_path / "again.pt"), "--moe-expert-count", "3",
+    rc = upcycle_cli.main([str(dense_ckpt), "-o", str(tmp_path / "again.pt"), "--moe-expert-count", "3",
                        "--moe-freq", "2", "--noise-std", "0.01", "--gate-init-std", "0",
                        "--data", str(m30k_bin)])
     assert rc == 0  # seeded: the same noise
@@ -310,7 +373,7 @@ def test_upcycle_errors_one_line_exit_2(case, flags, message, dense_ckpt, moe_ck
     out = tmp_path / "out.pt"
     if case == "exists":
         out.write_text("keep me")
-    rc = upcycle.main([str(src), "-o", str(out), "--data", str(m30k_bin), *flags])
+    rc = upcycle_cli.main([str(src), "-o", str(out), "--data", str(m30k_bin), *flags])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert rc == 2 and len(err) == 1 and message in err[0], err
     assert err[0].startswith("adaptive-moe-upcycle: error: ")
@@ -319,11 +382,11 @@ def test_upcycle_errors_one_line_exit_2(case, flags, message, dense_ckpt, moe_ck
 
 def test_upcycle_requires_expert_count(dense_ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
-        upcycle.main([str(dense_ckpt), "-o", str(tmp_path / "x.pt")])
+        upcycle_cli.main([str(dense_ckpt), "-o", str(tmp_path / "x.pt")])
     assert info.value.code == 2 and "--moe-expert-count" in capsys.readouterr().err
 
 
 def test_console_scripts_are_installed():
-    assert isinstance(routing.build_parser(), argparse.ArgumentParser)
+    assert isinstance(routing_cli.build_parser(), argparse.ArgumentParser)
     for tool in ("adaptive-moe-routing", "adaptive-moe-upcycle"):
         assert "usage:" in run_cli(tool, "--help").stdout

@@ -1,5 +1,5 @@
 """examples/summarization: prepare (sentencepiece and GPT-2 BPE), the BART recipe end to end with
-ROUGE, and compare.py in summarization mode, on the first lines of cnndm-small (CPU)."""
+ROUGE, and experiments.compare in summarization mode, on the first lines of cnndm-small (CPU)."""
 
 import json
 import statistics
@@ -7,12 +7,12 @@ import statistics
 import pytest
 
 from conftest import load_script, shared_data
+from experiments import compare
 from test_bart import prepare_cnndm, train_log_records
 
 recipe = load_script("examples/summarization/recipe.py")
 score = load_script("examples/summarization/score.py")
 prepare = load_script("examples/summarization/prepare.py")
-compare = load_script("examples/translation/compare.py")
 
 SMALL_EVAL = ["--beam", "2", "--max-len-b", "12", "--min-len", "3"]
 
@@ -176,7 +176,7 @@ def test_prepare_gpt2_missing_file_one_line(tmp_path, capsys, which):
     assert not out.exists()
 
 
-# ---- compare.py in summarization mode -----------------------------------------------------------
+# ---- experiments.compare in summarization mode -----------------------------------------------------------
 
 def test_compare_runner_summarization(cnndm_bin, tmp_path):
     out = tmp_path / "cmp"

@@ -1,4 +1,4 @@
-"""scripts/targets.py: the fast-compute targets judged from bench.json / throughput.json."""
+"""experiments.targets: the fast-compute targets judged from bench.json / throughput.json."""
 
 import copy
 import json
@@ -6,10 +6,10 @@ import tarfile
 
 import pytest
 
-from conftest import ROOT, load_script
+from conftest import ROOT
+from experiments import targets
 
-targets = load_script("scripts/targets.py")
-CPU_BENCH = ROOT / "docs" / "bench" / "bench.json"
+CPU_BENCH = ROOT / "docs" / "results" / "bench" / "bench.json"
 
 
 def gpu_bench(dtype="bfloat16", ratios=None, tflops=600.0):

@@ -1,12 +1,10 @@
-"""examples/translation/throughput.py and timed_train.py --moe-timing, end to end on a tiny slice."""
+"""experiments.throughput and experiments.timed_train --moe-timing, end to end on a tiny slice."""
 
 import json
 
 import pytest
 
-from conftest import load_script
-
-throughput = load_script("examples/translation/throughput.py")
+from experiments import throughput
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +45,7 @@ def test_two_expert_share_comes_from_fairseq_logs(measured):
 def test_table_names_the_command_and_machine(measured):
     out, report = measured
     md = (out / "throughput.md").read_text()
-    assert "throughput.py --data-bin" in md and report["machine"] in md
+    assert "python -m experiments.throughput --data-bin" in md and report["machine"] in md
     assert md.count("| top2 |") == 1 and "| adaptive, T = 0.1 |" in md
 
 

@@ -186,3 +186,36 @@ def test_archive_readers(tmp_path):
         assert download.write_pairs(download.READERS[kind](path), staging, "train") == 2
         assert (staging / "train.de").read_text(encoding="utf-8") == "Guten Tag.\nZwei Wörter\n"
         assert (staging / "train.en").read_text(encoding="utf-8") == "Good day.\nTwo words\n"
+
+
+def _value_of(cmd, flag):
+    return cmd[cmd.index(flag) + 1] if flag in cmd else None
+
+
+def test_train_and_demo_write_out_the_shared_flags(tmp_path):
+    """train.sh and demo.sh spell the translation recipe out for a reader; the runners take it
+    from experiments/flags.py. Every flag and value of the recipe appears in both."""
+    import shlex
+
+    from experiments import flags
+
+    data = tmp_path / "bin"
+    data.mkdir()
+    (data / "dict.de.txt").write_text("")
+    proc = run("train.sh", "adaptive", data, tmp_path / "save", DRY_RUN="1")
+    assert proc.returncode == 0, proc.stderr
+    train = shlex.split(proc.stdout.strip())
+    demo_text = (RECIPE / "demo.sh").read_text()
+    block = demo_text[demo_text.index('"$bin/fairseq-train"'):demo_text.index("2>&1 | tee")]
+    demo = shlex.split(block.replace("\\\n", " "))
+    recipe = flags.translation_recipe("DATA", "adaptive_moe_transformer_tiny", "2e-3", 400)
+    pairs = [(tok, recipe[i + 1] if i + 1 < len(recipe) and not recipe[i + 1].startswith("--")
+              else None) for i, tok in enumerate(recipe) if tok.startswith("--")]
+    assert ("--criterion", flags.CRITERION) in pairs and ("--dropout", "0.1") in pairs
+    for flag, value in pairs:
+        for name, cmd in (("train.sh", train), ("demo.sh", demo)):
+            assert flag in cmd, (name, flag)
+            if value is not None and flag != "--user-dir":
+                assert _value_of(cmd, flag) == value, (name, flag, _value_of(cmd, flag), value)
+    assert _value_of(train, "--user-dir") == str(flags.USER_DIR)
+    assert train[train.index("--moe-gating"):] == flags.scheme_flags("adaptive", 0.1)

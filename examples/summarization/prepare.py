@@ -7,7 +7,8 @@ Input: a directory (``--data``, default ``<repo>/../shared/data/cnndm-small``) w
 Two ways to split words (``--bpe``):
 
 - ``sentencepiece`` (default): one BPE model trained here on the training split (articles and
-  summaries), as ``examples/translation/prepare.py`` does; fairseq-preprocess then builds one
+  summaries), with the steps ``examples/translation/prepare.py`` uses
+  (``fairseq_adaptive_moe.data.prepare``); fairseq-preprocess then builds one
   joined dictionary. Generate with ``--post-process sentencepiece``.
 - ``gpt2``: BART's own byte-level BPE, with the files of a pretrained BART (``--gpt2-encoder-json
   encoder.json --gpt2-vocab-bpe vocab.bpe --gpt2-dict dict.txt``), encoded with fairseq's own
@@ -31,7 +32,6 @@ rerun reuses unless ``--force``. Bad input: one line on stderr, exit 2, nothing 
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import re
@@ -42,6 +42,8 @@ import tempfile
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
+from fairseq_adaptive_moe.data import prepare as tp  # the steps shared with translation's prepare.py
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parents[1].parent / "shared" / "data" / "cnndm-small"
 SRC, TGT = "source", "target"
@@ -49,16 +51,6 @@ PROG = "prepare.py"
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
-def translation_script(name: str):
-    """Import ``examples/translation/<name>.py`` (the shared text and scoring helpers)."""
-    path = HERE.parent / "translation" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"translation_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tp = translation_script("prepare")
 InputError = tp.InputError
 SPLITS = tp.SPLITS
 
@@ -166,7 +158,9 @@ def build(args, corpus, staging: Path, files) -> dict:
         tp.write_lines(text, [s for line in corpus["train"][SRC] + corpus["train"][TGT]
                               for s in SENTENCE_END.split(line) if s])
         print(f"{PROG}: [1/4] training sentencepiece BPE (vocab {args.vocab_size})", flush=True)
-        details["spm_options"] = tp.train_spm(text, staging / "spm", args.vocab_size, args.workers)
+        details["spm_options"] = tp.train_spm(
+            text, staging / "spm", args.vocab_size, args.workers,
+            note=lambda msg: print(f"{PROG}: {msg}", file=sys.stderr))
         text.unlink()
         print(f"{PROG}: [2/4] encoding", flush=True)
         details["spm_vocab_size"] = tp.encode_splits(staging / "spm.model", corpus, bpe_dir,

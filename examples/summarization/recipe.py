@@ -28,6 +28,10 @@ with its files). Writes ``gen-<gating>.txt``, ``rouge-<gating>.json`` and ``roug
 
 Both print the fairseq commands they run. Bad input (a missing data-bin, checkpoint or
 reference, a bad scheme) gets one line on stderr and exit status 2.
+
+The flags are built by ``experiments/flags.py`` of this clone (``bart_summarization_flags``,
+``bart_generate_flags``), which ``python -m experiments.compare`` uses too on a summarization
+data-bin; each command is printed before it runs.
 """
 
 import argparse
@@ -40,12 +44,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+if str(ROOT) not in sys.path:  # the clone's root, for experiments.flags
+    sys.path.insert(0, str(ROOT))
+
+from experiments import flags  # noqa: E402  (after the clone's root is on sys.path)
+
 BIN = Path(sys.executable).parent
-USER_DIR = ROOT / "fairseq_adaptive_moe"
-SCHEMES = ("dense", "top1", "top2", "adaptive")
-GATINGS = ("train", "top1", "top2", "adaptive")
-# fairseq examples/bart/README.summarization.md, CNN/DM
-GENERATION = {"beam": 4, "lenpen": 2.0, "max_len_b": 140, "min_len": 55, "no_repeat_ngram_size": 3}
+SCHEMES = flags.SCHEMES
+GATINGS = flags.BART_GATINGS
+GENERATION = flags.BART_GENERATION  # fairseq examples/bart/README.summarization.md, CNN/DM
 
 
 class BadInput(Exception):
@@ -66,73 +73,22 @@ def check_data_bin(data_bin: Path, subset: str = "test") -> dict:
         return {}
 
 
-def scheme_flags(scheme: str, threshold: float):
-    if scheme not in SCHEMES:
-        raise BadInput(f"unknown scheme {scheme!r} (choose from {', '.join(SCHEMES)})")
-    if scheme == "dense":
-        return ["--moe-freq", "0"]
-    flags = ["--moe-gating", scheme]
-    return flags + (["--moe-threshold", f"{threshold:g}"] if scheme == "adaptive" else [])
+def train_flags(data_bin, save_dir, scheme, *args, **kwargs):
+    """fairseq-train's arguments for one scheme (the program name excluded); the parameters of
+    ``experiments.flags.bart_summarization_flags``."""
+    try:
+        return flags.bart_summarization_flags(data_bin, save_dir, scheme, *args, **kwargs)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
 
 
-def train_flags(data_bin, save_dir, scheme, threshold=0.1, arch="adaptive_moe_bart_tiny",
-                max_update=400, max_tokens=4096, lr=3e-5, warmup_updates=None,
-                max_source_positions=None, seed=1, restore_file=None, cpu=False,
-                validate_interval_updates=None, log_interval=10, extra=()):
-    """fairseq-train's arguments for one scheme (the program name excluded)."""
-    warmup = warmup_updates if warmup_updates is not None else max(1, min(500, max_update // 10))
-    flags = [
-        str(data_bin), "--user-dir", str(USER_DIR), "--task", "translation",
-        "--source-lang", "source", "--target-lang", "target", "--truncate-source",
-        "--arch", arch, "--layernorm-embedding", "--share-all-embeddings",
-        "--share-decoder-input-output-embed", "--required-batch-size-multiple", "1",
-        "--criterion", "adaptive_moe_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-        "--dropout", "0.1", "--attention-dropout", "0.1", "--weight-decay", "0.01",
-        "--optimizer", "adam", "--adam-betas", "(0.9, 0.999)", "--adam-eps", "1e-08",
-        "--clip-norm", "0.1", "--lr-scheduler", "polynomial_decay", "--lr", f"{lr:g}",
-        "--total-num-update", str(max_update), "--warmup-updates", str(warmup),
-        "--max-update", str(max_update), "--max-tokens", str(max_tokens),
-        "--skip-invalid-size-inputs-valid-test", "--seed", str(seed),
-        "--save-dir", str(save_dir), "--no-epoch-checkpoints",
-        "--log-format", "json", "--log-interval", str(log_interval), "--no-progress-bar",
-    ]
-    if max_source_positions is not None:
-        flags += ["--max-source-positions", str(max_source_positions)]
-    if validate_interval_updates is not None:
-        flags += ["--validate-interval-updates", str(validate_interval_updates),
-                  "--validate-interval", "1000000", "--save-interval", "1000000"]
-    if restore_file is not None:
-        flags += ["--restore-file", str(restore_file), "--reset-optimizer", "--reset-dataloader",
-                  "--reset-meters"]
-    if cpu:
-        flags.append("--cpu")
-    return flags + scheme_flags(scheme, threshold) + list(extra)
-
-
-def generate_args(data_bin, checkpoint, gating="train", subset="test", record=None, cpu=False,
-                  max_tokens=8000, **overrides):
-    """fairseq-generate's arguments with BART's CNN/DM settings (``overrides`` change them)."""
-    settings = {**GENERATION, **overrides}
-    if gating not in GATINGS:
-        raise BadInput(f"unknown gating {gating!r} (choose from {', '.join(GATINGS)})")
-    args = [str(data_bin), "--user-dir", str(USER_DIR), "--task", "translation",
-            "--source-lang", "source", "--target-lang", "target", "--truncate-source",
-            "--path", str(checkpoint), "--gen-subset", subset, "--max-tokens", str(max_tokens),
-            "--skip-invalid-size-inputs-valid-test",
-            # fairseq's batch_by_size drops the last few sentences when the batch size multiple
-            # is 8 (its default): 12 test articles gave 8 outputs
-            "--required-batch-size-multiple", "1"]
-    for key, value in settings.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
-    record = record or {}
-    if record.get("args", {}).get("bpe") == "gpt2":
-        encoder_json, vocab_bpe, _ = record["args"]["gpt2_files"]
-        args += ["--bpe", "gpt2", "--gpt2-encoder-json", encoder_json, "--gpt2-vocab-bpe", vocab_bpe]
-    else:
-        args += ["--post-process", "sentencepiece"]
-    if gating != "train":
-        args += ["--model-overrides", repr({"moe_eval_gating": gating})]
-    return args + (["--cpu"] if cpu else [])
+def generate_args(data_bin, checkpoint, gating="train", *args, **kwargs):
+    """fairseq-generate's arguments with BART's CNN/DM settings (``overrides`` change them); the
+    parameters of ``experiments.flags.bart_generate_flags``."""
+    try:
+        return flags.bart_generate_flags(data_bin, checkpoint, gating, *args, **kwargs)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
 
 
 def score(generate_output, reference):

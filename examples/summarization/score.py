@@ -13,24 +13,16 @@ treats each summary as one sequence.
 """
 
 import argparse
-import importlib.util
 import json
 import random
 import re
 import sys
 from pathlib import Path
 
+from fairseq_adaptive_moe.data.prepare import read_hypotheses
+
 METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
-
-def read_hypotheses(path):
-    """{id: text} from fairseq-generate's ``D-`` lines (examples/translation/score.py's reader)."""
-    spec = importlib.util.spec_from_file_location(
-        "translation_score", Path(__file__).resolve().parents[1] / "translation" / "score.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.read_hypotheses(path)
 
 
 def rouge(hypotheses, references, seed=1):

@@ -33,8 +33,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prepare import DOWNLOAD_ERRORS, SPLITS, InputError, download_error  # noqa: E402
+from fairseq_adaptive_moe.data.prepare import DOWNLOAD_ERRORS, SPLITS, InputError, download_error
 
 PROG = "download_wmt19.py"
 LANGS = ("de", "en")

@@ -59,23 +59,34 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Optional, Sequence
+
+from fairseq_adaptive_moe.data.prepare import (  # noqa: F401  (the shared steps, see that module)
+    DOWNLOAD_ERRORS,
+    EVAL_SPLITS,
+    SPLITS,
+    InputError,
+    check_inputs,
+    download_error,
+    encode_splits,
+    install,
+    languages,
+    load_corpus,
+    package_version,
+    read_record,
+    run_preprocess,
+    train_spm,
+    write_lines,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "multi30k-deen"
-SPLITS = ("train", "valid", "test")
-EVAL_SPLITS = ("valid", "test")
 PROG = "prepare.py"
 MULTI30K_URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw/{name}.{lang}.gz"
 MULTI30K_FILES = {"train": "train", "valid": "val", "test": "test_2016_flickr"}
-
-
-class InputError(Exception):
-    """Problem with the user's input; reported as one line, exit status 2."""
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -168,15 +179,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 # --------------------------------------------------------------------------- #
 
 
-DOWNLOAD_ERRORS = (OSError, EOFError)  # urllib.error.URLError and socket timeouts are OSErrors
-
-
-def download_error(url: str, error: BaseException, hint: str) -> InputError:
-    """The one-line error for a URL that could not be fetched (also used by download_wmt19.py)."""
-    reason = getattr(error, "reason", None) or error
-    return InputError(f"cannot download {url} ({reason}); offline? {hint}")
-
-
 def download_multi30k(dest: Path, langs: Sequence[str], timeout: float = 20.0) -> None:
     """Fetch Multi30k task-1 raw files into ``dest/{split}.{lang}``; InputError when offline."""
     import gzip
@@ -200,177 +202,6 @@ def download_multi30k(dest: Path, langs: Sequence[str], timeout: float = 20.0) -
             os.replace(part, target)
 
 
-def languages(src: str, tgt: Optional[str]) -> List[str]:
-    return [src] if tgt is None else [src, tgt]
-
-
-def input_paths(data: Path, src: str, tgt: Optional[str]) -> Dict[str, Dict[str, Path]]:
-    return {s: {lang: data / f"{s}.{lang}" for lang in languages(src, tgt)} for s in SPLITS}
-
-
-def check_inputs(data: Path, src: str, tgt: Optional[str]) -> Dict[str, Dict[str, Path]]:
-    """Return the input paths; raise InputError naming what is missing."""
-    if not data.is_dir():
-        raise InputError(
-            f"data directory not found: {data} (give --data PATH with "
-            f"{{train,valid,test}}.{{{','.join(languages(src, tgt))}}})"
-        )
-    paths = input_paths(data, src, tgt)
-    missing = [str(p) for s in SPLITS for p in paths[s].values() if not p.is_file()]
-    if missing:
-        raise InputError(
-            f"missing input file{'s' if len(missing) > 1 else ''}: {', '.join(missing)}"
-        )
-    return paths
-
-
-def read_lines(path: Path, limit: Optional[int]) -> List[str]:
-    """First ``limit`` lines of ``path`` (all if None), without line endings.
-
-    Text mode with universal newlines, the same way fairseq-preprocess and
-    sacrebleu read files, so line counts agree with theirs.
-    """
-    out: List[str] = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if limit is not None and len(out) >= limit:
-                break
-            out.append(line.rstrip("\n"))
-    return out
-
-
-def load_corpus(
-    paths: Dict[str, Dict[str, Path]], src: str, tgt: Optional[str],
-    max_train: Optional[int], max_eval: Optional[int],
-) -> Dict[str, Dict[str, List[str]]]:
-    corpus: Dict[str, Dict[str, List[str]]] = {}
-    for split in SPLITS:
-        limit = max_train if split == "train" else max_eval
-        try:
-            corpus[split] = {lang: read_lines(paths[split][lang], limit)
-                             for lang in languages(src, tgt)}
-        except UnicodeDecodeError as e:
-            raise InputError(f"input is not UTF-8: {e}") from e
-        n_src = len(corpus[split][src])
-        n_tgt = n_src if tgt is None else len(corpus[split][tgt])
-        if n_src != n_tgt:
-            raise InputError(
-                f"{split} split is not aligned: {paths[split][src]} has {n_src} lines, "
-                f"{paths[split][tgt]} has {n_tgt}"
-            )
-        if n_src == 0:
-            raise InputError(f"{split} split is empty: {paths[split][src]}")
-    return corpus
-
-
-def write_lines(path: Path, lines: Sequence[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for line in lines:
-            f.write(line)
-            f.write("\n")
-
-
-# --------------------------------------------------------------------------- #
-# processing steps
-# --------------------------------------------------------------------------- #
-
-
-def train_spm(train_text: Path, model_prefix: Path, vocab_size: int, threads: int) -> dict:
-    """Train the joint BPE model; returns the options actually used."""
-    import sentencepiece as spm
-
-    opts = dict(
-        input=str(train_text),
-        model_prefix=str(model_prefix),
-        vocab_size=vocab_size,
-        model_type="bpe",
-        character_coverage=1.0,
-        # Deterministic: read sentences in file order, no random sampling
-        # (sentencepiece has no seed option for BPE training).
-        input_sentence_size=0,
-        shuffle_input_sentence=False,
-        num_threads=threads,
-        minloglevel=2,
-    )
-    try:
-        spm.SentencePieceTrainer.train(**opts)
-    except RuntimeError as e:
-        if "Vocabulary size too high" not in str(e):
-            raise
-        m = re.search(r"<=\s*(\d+)", str(e))
-        limit = f" (at most {m.group(1)})" if m else ""
-        print(
-            f"{PROG}: note: training data too small for --vocab-size {vocab_size}"
-            f"{limit}; retrying with hard_vocab_limit=False",
-            file=sys.stderr,
-        )
-        opts["hard_vocab_limit"] = False
-        spm.SentencePieceTrainer.train(**opts)
-    opts = {k: v for k, v in opts.items() if k not in ("input", "model_prefix")}
-    return opts
-
-
-def encode_splits(
-    model: Path, corpus: Dict[str, Dict[str, List[str]]], out_dir: Path, threads: int
-) -> int:
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(model))
-    for split, by_lang in corpus.items():
-        for lang, lines in by_lang.items():
-            pieces = sp.encode(lines, out_type=str, num_threads=threads)
-            write_lines(out_dir / f"{split}.{lang}", [" ".join(p) for p in pieces])
-    return sp.get_piece_size()
-
-
-def preprocess_command() -> List[str]:
-    exe = Path(sys.executable).parent / "fairseq-preprocess"
-    if exe.is_file() and os.access(exe, os.X_OK):
-        return [str(exe)]
-    return [sys.executable, "-m", "fairseq_cli.preprocess"]
-
-
-def run_preprocess(spm_dir: Path, dest: Path, src: str, tgt: Optional[str], workers: int) -> None:
-    if tgt is None:  # language modeling: {split}.{src} -> {split}.bin/idx and dict.txt
-        langs = ["--only-source"]
-        prefixes = {s: str(spm_dir / f"{s}.{src}") for s in SPLITS}
-    else:
-        langs = ["--source-lang", src, "--target-lang", tgt, "--joined-dictionary"]
-        prefixes = {s: str(spm_dir / s) for s in SPLITS}
-    cmd = preprocess_command() + langs + [
-        "--trainpref", prefixes["train"],
-        "--validpref", prefixes["valid"],
-        "--testpref", prefixes["test"],
-        "--destdir", str(dest),
-        "--workers", str(workers),
-    ]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stdout.splitlines()[-30:])
-        raise RuntimeError(
-            f"fairseq-preprocess failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}"
-        )
-
-
-def package_version(name: str) -> Optional[str]:
-    try:
-        from importlib.metadata import version
-
-        return version(name)
-    except Exception:
-        return None
-
-
-def read_record(out: Path) -> Optional[dict]:
-    """The parsed ``OUT/prepare.json`` if the output is complete, else None."""
-    try:
-        record = json.loads((out / "prepare.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
 def settings(args: argparse.Namespace, data: Path) -> dict:
     """The arguments that determine the output's content."""
     return {
@@ -382,15 +213,6 @@ def settings(args: argparse.Namespace, data: Path) -> dict:
         "max_train_lines": args.max_train_lines,
         "max_eval_lines": args.max_eval_lines,
     }
-
-
-def install(staging: Path, out: Path) -> None:
-    """Move every file from ``staging`` into ``out`` (overwriting same names)."""
-    for src_path in sorted(staging.rglob("*")):
-        if src_path.is_file():
-            dst = out / src_path.relative_to(staging)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(src_path, dst)
 
 
 # --------------------------------------------------------------------------- #
@@ -450,7 +272,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         train_text = staging / "spm-train.txt"
         write_lines(train_text, [line for lang in languages(src, tgt) for line in corpus["train"][lang]])
         print(f"{PROG}: [1/4] training sentencepiece BPE (vocab {args.vocab_size})")
-        spm_opts = train_spm(train_text, staging / "spm", args.vocab_size, threads)
+        spm_opts = train_spm(train_text, staging / "spm", args.vocab_size, threads,
+                             note=lambda msg: print(f"{PROG}: {msg}", file=sys.stderr))
         train_text.unlink()
 
         # (2) encode every split into pieces

@@ -12,15 +12,7 @@ import sys
 
 import sacrebleu
 
-
-def read_hypotheses(path):
-    hyps = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("D-"):
-                head, _score, text = line.rstrip("\n").split("\t", 2)
-                hyps[int(head[2:])] = text
-    return hyps
+from fairseq_adaptive_moe.data.prepare import read_hypotheses
 
 
 def main(argv=None) -> int:

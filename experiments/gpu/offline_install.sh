@@ -1,43 +1,48 @@
-# Sourced on the GPU host, first thing in a device call, from the project root:
+# Install fairseq on a GPU machine without internet, from the folder experiments/gpu/offline_wheels.sh
+# filled on a machine with internet. Source it from the root of the clone, so that its exports stay:
 #
-#   source scripts/gpu_install.sh .whl && bash scripts/gpu_check.sh "$OUT"
+#   source experiments/gpu/offline_install.sh .whl && bash experiments/gpu/run.sh OUT_DIR
 #
-# Installs fairseq and its missing dependencies into /tmp/site and puts /tmp/site and the project
-# on PYTHONPATH, /tmp/site/bin on PATH. With the wheels that scripts/gpu_prepare.sh pre-builds
-# (.whl/prebuilt/, built against the host's torch, named in .whl/prebuilt/torch.txt) this takes
-# seconds. Where they are missing or were built against another torch, it falls back to
-# ../shared/tools' device-install.sh (.whl/device-install.sh), which builds fairseq from source
-# there (about 3 minutes of device time).
+# Installs fairseq and its missing dependencies into SITE (default ${TMPDIR:-/tmp}/adaptive-moe-site)
+# with that machine's python (PYTHON, default python3), then puts SITE and the clone on
+# PYTHONPATH and SITE/bin on PATH. With the prebuilt wheels (DIR/prebuilt/, built for the torch
+# that DIR/prebuilt/torch.txt names) this takes seconds; where they are missing, were built for
+# another torch or do not load there (system libraries differ between images), fairseq is built
+# from its source distribution against that machine's torch (about 3 minutes on 16 cores). A
+# second run in the same SITE only sets the paths. Log: SITE.log.
 _whl=${1:-.whl}
-_pre=$_whl/prebuilt
-_host_torch=$(python3 -c "import torch; print(torch.__version__)" 2>/dev/null)
-if PYTHONPATH=/tmp/site python3 -c "import fairseq" 2>/dev/null; then
-  echo "gpu_install: fairseq already in /tmp/site"
-  source "$_whl/device-install.sh" "$_whl"  # only sets the paths and prints versions now
-elif [ -f "$_pre/torch.txt" ] && [ "$(cat "$_pre/torch.txt")" = "$_host_torch" ]; then
-  echo "gpu_install: pre-built wheels for torch $_host_torch"
-  # the compiled parts fairseq-train needs must load there (system libraries differ between
-  # images); loaded by path, so that this checks them and not the rest of fairseq's imports
-  if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-       "$_whl"/*.whl "$_pre"/*.whl > /tmp/site-install.log 2>&1 &&
-     python3 - >> /tmp/site-install.log 2>&1 <<'PY'
-import glob, importlib.util
-for name in ("data_utils_fast", "token_block_utils_fast"):
-    path, = glob.glob(f"/tmp/site/fairseq/data/{name}.*.so")
-    spec = importlib.util.spec_from_file_location(name, path)
-    spec.loader.exec_module(importlib.util.module_from_spec(spec))
-PY
-  then
-    export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-    export PATH=/tmp/site/bin:$PATH
-    python3 -c "import torch, fairseq; print('torch', torch.__version__, 'fairseq', fairseq.__version__, 'cuda', torch.cuda.is_available())"
-  else
-    tail -5 /tmp/site-install.log
-    echo "gpu_install: the pre-built wheels failed there; building fairseq from source"
-    rm -rf /tmp/site
-    source "$_whl/device-install.sh" "$_whl"
-  fi
+_py=${PYTHON:-python3}
+_site=${SITE:-${TMPDIR:-/tmp}/adaptive-moe-site}
+_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+_torch=$("$_py" -c "import torch; print(torch.__version__)" 2>/dev/null)
+_loads() {  # fairseq and the compiled parts fairseq-train needs import from SITE
+  PYTHONPATH=$_site "$_py" -c "import fairseq.data.data_utils_fast, fairseq.data.token_block_utils_fast" 2>/dev/null
+}
+_from_source() {
+  rm -rf "$_site"
+  "$_py" -m pip install --no-index --no-deps --no-compile --no-cache-dir --target "$_site" \
+    "$_whl"/*.whl >> "$_site.log" 2>&1 &&
+  # the sdist lacks the CUDA extension sources it would try to build when CUDA_HOME is set
+  env -u CUDA_HOME MAX_JOBS="$(nproc)" PYTHONPATH="$_site" "$_py" -m pip install --no-index \
+    --no-deps --no-build-isolation --no-cache-dir --target "$_site" \
+    "$_whl"/antlr4-python3-runtime-*.tar.gz "$_whl"/fairscale-*.tar.gz \
+    "$_whl"/fairseq_fixed-*.tar.gz >> "$_site.log" 2>&1
+}
+: > "$_site.log"
+if _loads; then
+  echo "offline_install: fairseq already in $_site"
+elif [ -f "$_whl/prebuilt/torch.txt" ] && [ "$(cat "$_whl/prebuilt/torch.txt")" = "$_torch" ] &&
+     "$_py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$_site" \
+       "$_whl"/*.whl "$_whl"/prebuilt/*.whl >> "$_site.log" 2>&1 && _loads; then
+  echo "offline_install: prebuilt wheels for torch $_torch"
 else
-  echo "gpu_install: no pre-built wheels for torch ${_host_torch:-?} (have: $(cat "$_pre/torch.txt" 2>/dev/null || echo none)); building fairseq from source"
-  source "$_whl/device-install.sh" "$_whl"
+  echo "offline_install: building fairseq from source for torch ${_torch:-?} (prebuilt: $(cat "$_whl/prebuilt/torch.txt" 2>/dev/null || echo none))"
+  if ! { _from_source && _loads; }; then
+    tail -30 "$_site.log"
+    echo "offline_install: FAILED (log: $_site.log)"
+    return 1 2>/dev/null || exit 1
+  fi
 fi
+export PYTHONPATH=$_site:$_root${PYTHONPATH:+:$PYTHONPATH}
+export PATH=$_site/bin:$PATH
+"$_py" -c "import torch, fairseq; print('torch', torch.__version__, 'fairseq', fairseq.__version__, 'cuda', torch.cuda.is_available())"

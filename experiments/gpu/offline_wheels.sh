@@ -1,62 +1,77 @@
 #!/usr/bin/env bash
-# The CPU side of scripts/gpu_check.sh, run here before the device call: the packages fairseq
-# needs on the offline GPU host (.whl, see ../shared/tools/README.md), fairseq pre-built for that
-# host (.whl/prebuilt/), and the data-bins its stages read. Each step is skipped when its output
-# exists.
+# For a GPU machine without internet: download, on a machine that has it, what fairseq needs and
+# the GPU machine lacks, into one folder to copy there with the clone; experiments/gpu/offline_install.sh
+# installs it there.
 #
-#   bash scripts/gpu_prepare.sh
-#   then, through the device tool, with carry [".whl", "data-bin/wmt-news"] (and "data-bin/m30k"
-#   for the compare stage):
-#   source scripts/gpu_install.sh .whl && bash scripts/gpu_check.sh "$OUT" [STAGE ...]
+#   bash experiments/gpu/offline_wheels.sh [DIR]        # default DIR: .whl (in the clone)
 #
-# The pre-built wheels save the 3-minute fairseq build on the host, a fifth of a 15-minute device
-# session. They are built here with a Python 3.12 (PY312, else python3.12 on PATH, else pyenv's)
-# against the host's torch (DEVICE_TORCH, default 2.11.0: python3 on the H200 image, Python
-# 3.12.3, as the device tool's KINDS.md lists it), in .venv-device/. Without a Python 3.12 the
-# step is skipped and gpu_install.sh builds fairseq there from source, as before.
+# The GPU machine is assumed to have Python, a CUDA torch, cython, numpy, sacrebleu and
+# sentencepiece already (a usual CUDA image), but no fairseq. DIR gets:
+# - binary wheels of hydra-core 1.3.2, omegaconf 2.3.0 and bitarray 3.12.3 for the GPU machine's
+#   Python (TARGET_PYTHON_VERSION, default 3.12; manylinux x86_64);
+# - the source distributions of antlr4-python3-runtime 4.9.3, fairscale 0.4.13 and fairseq-fixed
+#   0.12.3.1 (reading fairseq's metadata imports torch: PY, default .venv/bin/python, must have
+#   torch), which offline_install.sh builds there against that machine's torch (about 3 minutes on
+#   16 cores);
+# - prebuilt/: the same three built here, in seconds to install there, when a Python of the GPU
+#   machine's version is found (TARGET_PYTHON, else python$TARGET_PYTHON_VERSION on PATH, else
+#   pyenv's) and TARGET_TORCH names the GPU machine's torch version (default 2.11.0): they are built
+#   in .venv-device/ against that torch, and prebuilt/torch.txt records it. Without such a Python
+#   the step is skipped and offline_install.sh builds from source.
+# Each step is skipped when its output exists. DIR is a few MB (the debug symbols of fairseq's
+# compiled parts are stripped).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || bash scripts/setup_venv.sh
-py=.venv/bin/python
-if [ ! -f .whl/device-install.sh ]; then
-  PY=$py bash ../shared/tools/device-wheels.sh .whl
-  cp ../shared/tools/device-install.sh .whl/
+cd "$(dirname "$0")/../.."
+dest=${1:-.whl}
+pyver=${TARGET_PYTHON_VERSION:-3.12}
+torch_version=${TARGET_TORCH:-2.11.0}
+py=${PY:-.venv/bin/python}
+[ -x "$py" ] || py=python3
+mkdir -p "$dest"
+
+if ! compgen -G "$dest/fairseq_fixed-*.tar.gz" > /dev/null; then
+  plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
+        --platform manylinux2014_x86_64 --platform manylinux_2_34_x86_64)
+  for p in hydra-core==1.3.2 omegaconf==2.3.0 bitarray==3.12.3; do
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$pyver" \
+      --implementation cp "${plat[@]}" -d "$dest" "$p"
+  done
+  "$py" -c "import torch" 2>/dev/null || { echo "offline_wheels: $py has no torch; set PY=/path/to/python-with-torch" >&2; exit 1; }
+  "$py" -m pip download -q --no-deps --no-build-isolation -d "$dest" \
+    antlr4-python3-runtime==4.9.3 fairscale==0.4.13 fairseq-fixed==0.12.3.1
 fi
-if [ ! -f .whl/prebuilt/torch.txt ]; then
-  py312=${PY312:-}
-  if [ -z "$py312" ]; then
-    for cand in python3.12 "$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12; do
-      if "$cand" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then
-        py312=$cand; break
+
+if [ ! -f "$dest/prebuilt/torch.txt" ]; then
+  target=${TARGET_PYTHON:-}
+  if [ -z "$target" ]; then
+    for cand in "python$pyver" "$(pyenv root 2>/dev/null)"/versions/"$pyver"*/bin/python"$pyver"; do
+      if "$cand" -c "import sys; sys.exit(sys.version_info[:2] != tuple(map(int, '$pyver'.split('.'))))" 2>/dev/null; then
+        target=$cand; break
       fi
     done
   fi
-  if [ -z "$py312" ]; then
-    echo "gpu_prepare: no Python 3.12 here (set PY312): no pre-built fairseq; the device builds it"
+  if [ -z "$target" ]; then
+    echo "offline_wheels: no Python $pyver here (set TARGET_PYTHON): no prebuilt/; offline_install.sh builds from source"
   else
     vd=.venv-device
-    [ -x $vd/bin/python ] || "$py312" -m venv $vd
+    [ -x $vd/bin/python ] || "$target" -m venv $vd
     $vd/bin/python -m pip install -q "pip<26" "setuptools<81" wheel "cython<3.2" "numpy==2.0.2" \
-      "torch==${DEVICE_TORCH:-2.11.0}" 2> >(grep -v "is ignored: it is neither" >&2)
-    rm -rf .whl/prebuilt.tmp && mkdir -p .whl/prebuilt.tmp/unpack
+      "torch==$torch_version" 2> >(grep -v "is ignored: it is neither" >&2)
+    rm -rf "$dest/prebuilt.tmp" && mkdir -p "$dest/prebuilt.tmp/unpack"
     # CUDA_HOME unset: the sdist lacks the sources of the CUDA extensions it would try to build
-    env -u CUDA_HOME MAX_JOBS=$(nproc) $vd/bin/python -m pip wheel -q --no-deps --no-build-isolation \
-      --no-cache-dir -w .whl/prebuilt.tmp .whl/antlr4-python3-runtime-*.tar.gz .whl/fairscale-*.tar.gz \
-      .whl/fairseq_fixed-*.tar.gz
-    # debug symbols are most of the wheel's size, which counts against the device call's 64 MiB
-    whl=$(ls .whl/prebuilt.tmp/fairseq_fixed-*.whl)
-    $vd/bin/python -m wheel unpack -d .whl/prebuilt.tmp/unpack "$whl" > /dev/null
-    find .whl/prebuilt.tmp/unpack -name "*.so" -exec strip --strip-debug {} +
+    env -u CUDA_HOME MAX_JOBS="$(nproc)" $vd/bin/python -m pip wheel -q --no-deps --no-build-isolation \
+      --no-cache-dir -w "$dest/prebuilt.tmp" "$dest"/antlr4-python3-runtime-*.tar.gz \
+      "$dest"/fairscale-*.tar.gz "$dest"/fairseq_fixed-*.tar.gz
+    # the debug symbols are most of the wheel's size
+    whl=$(ls "$dest"/prebuilt.tmp/fairseq_fixed-*.whl)
+    $vd/bin/python -m wheel unpack -d "$dest/prebuilt.tmp/unpack" "$whl" > /dev/null
+    find "$dest/prebuilt.tmp/unpack" -name "*.so" -exec strip --strip-debug {} +
     rm "$whl"
-    $vd/bin/python -m wheel pack -d .whl/prebuilt.tmp .whl/prebuilt.tmp/unpack/* > /dev/null
-    rm -rf .whl/prebuilt.tmp/unpack
-    $vd/bin/python -c "import torch; print(torch.__version__)" > .whl/prebuilt.tmp/torch.txt
-    mv .whl/prebuilt.tmp .whl/prebuilt
-    echo "gpu_prepare: pre-built fairseq for torch $(cat .whl/prebuilt/torch.txt) in .whl/prebuilt/"
+    $vd/bin/python -m wheel pack -d "$dest/prebuilt.tmp" "$dest"/prebuilt.tmp/unpack/* > /dev/null
+    rm -rf "$dest/prebuilt.tmp/unpack"
+    $vd/bin/python -c "import torch; print(torch.__version__)" > "$dest/prebuilt.tmp/torch.txt"
+    mv "$dest/prebuilt.tmp" "$dest/prebuilt"
+    echo "offline_wheels: fairseq prebuilt for torch $(cat "$dest/prebuilt/torch.txt") in $dest/prebuilt/"
   fi
 fi
-[ -f data-bin/wmt-news/dict.en.txt ] || "$py" examples/translation/prepare.py \
-  --data ../shared/data/wmt19-deen-news --out data-bin/wmt-news --vocab-size 8000
-[ -f data-bin/m30k/dict.en.txt ] || "$py" examples/translation/prepare.py \
-  --data ../shared/data/multi30k-deen --out data-bin/m30k --vocab-size 8000
-du -sh .whl data-bin/wmt-news data-bin/m30k
+du -sh "$dest"

@@ -1,43 +1,51 @@
 #!/usr/bin/env bash
-# The GPU measurements in one call, for a GPU host reached through the device tool:
+# The GPU measurement suite in one command, from the root of a clone, on any machine with a CUDA GPU:
 #
-#   e=$(($(date +%s) + 575)); source scripts/gpu_install.sh .whl && END_AT=$e bash scripts/gpu_check.sh "$OUT" [STAGE ...]
+#   bash experiments/gpu/run.sh OUT_DIR [STAGE ...]
 #
-# END_AT: the device call's timeout_s of 600 s, less 25 s, taken before the install (seconds with
-# the pre-built wheels, about 3 minutes without them). .whl and the data-bins come from
-# scripts/gpu_prepare.sh; carry .whl and the data-bins the stages read.
-# Stages, in order (default: bench fp16 throughput compiled, about 9 minutes, so that one 600 s
-# device call holds them with the pre-built fairseq; compare needs a call of its own):
-#   bench       adaptive-moe-bench --device cuda: paper shape, 4k/16k/64k tokens, every
-#               implementation but ours_compiled                          -> bench/
+# Needs: python (PYTHON, default python3) with a CUDA torch and fairseq (experiments/README.md
+# shows an install on a machine without internet; the clone itself goes on PYTHONPATH here),
+# nvidia-smi, GNU timeout and tar, and for the two training stages a data-bin made by
+# examples/translation/prepare.py (TP_DATA, default data-bin/wmt-news: WMT news de-en, any
+# translation data-bin works; CMP_DATA, default data-bin/m30k: Multi30k de-en, --vocab-size 8000).
+#
+# Stages, in the order given (default: bench fp16 throughput compiled, about 9 minutes in all):
+#   bench       adaptive-moe-bench --device cuda: the paper's shape, 4k/16k/64k tokens, every
+#               implementation but ours_compiled                         (limit 150 s) -> bench/
 #   fp16        ours with fp16 weights and inputs, as under fairseq's --fp16 (the expert GEMMs run
 #               in bf16, so the weights are cast each step): against bench's bf16 ours, the cost
-#               of that cast                                               -> bench-fp16/
-#   throughput  fairseq-train words/s, top2 vs adaptive (T = 0.1), with the MoE share of the
-#               step, adaptive_moe_transformer_wmt19_de_en on data-bin/wmt-news, each scheme for
-#               75 s of training (TP_SECONDS; the step time there is not known beforehand)
-#               (examples/translation/prepare.py --data ../shared/data/wmt19-deen-news)
-#                                                                          -> throughput/
+#               of that cast                                              (limit 60 s) -> bench-fp16/
+#   throughput  python -m experiments.throughput --gpu: fairseq-train words/s, top2 against
+#               adaptive (T = 0.1), with the MoE share of the step, adaptive_moe_transformer_wmt19_de_en
+#               on TP_DATA; each scheme trains for TP_SECONDS (75) s of training time, since the
+#               step time is not known beforehand                        (limit 270 s) -> throughput/
 #   compiled    the bench's ours_compiled (torch.compile, reduce-overhead) against ours at 4k and
-#               16k tokens                                                 -> bench-compiled/
-#   compare     compare.py --gpu: dense/top1/top2/adaptive at adaptive_moe_transformer_small on
-#               data-bin/m30k (prepare.py, Multi30k, --vocab-size 8000)    -> compare/
-# The stages write under WORK (default /tmp/gpu_check-work), each with its log in <stage>.log.
-# The device call returns at most 8 files from OUT, none deeper than two folders, so after every
-# stage OUT gets just two: gpu_check.tgz (all of WORK but checkpoints) and summary.txt (each
-# stage's exit status and time). A stage killed by the lease's end leaves the earlier ones there.
-# Each stage has its own time limit (seconds, env LIMIT_<STAGE>), cut to what is left before
-# END_AT (epoch seconds, optional; 20 s are kept for packing); a stage with under 30 s left is
-# skipped. A failed stage does not stop the next.
+#               16k tokens                                               (limit 150 s) -> bench-compiled/
+#   compare     python -m experiments.compare --gpu: dense/top1/top2/adaptive at
+#               adaptive_moe_transformer_small on CMP_DATA, CMP_UPDATES (1500) updates
+#                                                                         (limit 540 s) -> compare/
+# Each stage has its own time limit in seconds (LIMIT_<STAGE>, e.g. LIMIT_COMPARE=900); a stage
+# that runs past it is stopped and the next one starts. A failed stage does not stop the next.
+# END_AT (optional, epoch seconds) is a deadline for the whole suite: each limit is cut to what is
+# left before it, less 20 s for packing, and a stage with under 30 s left is skipped.
+#
+# The stages write under WORK (default: a folder in ${TMPDIR:-/tmp}), each stage's output in its
+# folder and its log in <stage>.log, and nvidia-smi's line in gpu.txt. After every stage, OUT_DIR
+# gets two files: gpu_check.tgz (all of WORK but checkpoints) and summary.txt (each stage's exit
+# status and the seconds since the start, e.g. "bench=0(142s)"; 124 means the limit stopped it).
+# A suite that is interrupted keeps the stages that finished. Judge the targets with
+#   python -m experiments.targets OUT_DIR/gpu_check.tgz
 # CPU=1 runs every stage at toy size on the CPU (to check this script without a GPU).
 set -uo pipefail
-out=${1:?usage: gpu_check.sh OUT_DIR [bench|fp16|throughput|compiled|compare ...]}
+out=${1:?usage: experiments/gpu/run.sh OUT_DIR [bench|fp16|throughput|compiled|compare ...]}
 shift
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=(bench fp16 throughput compiled)
 py=${PYTHON:-python3}
 cpu=${CPU:-0}
-work=${WORK:-/tmp/gpu_check-work}
+root=$(cd "$(dirname "$0")/../.." && pwd)  # the clone: `-m experiments.*` and the plugin from any folder
+export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
+work=${WORK:-${TMPDIR:-/tmp}/gpu_check-work}
 
 pack() {  # OUT/gpu_check.tgz and OUT/summary.txt from what WORK holds now
   tar -czf "$out/gpu_check.tgz.tmp" --exclude='*.pt' -C "$work" . && mv "$out/gpu_check.tgz.tmp" "$out/gpu_check.tgz"
@@ -87,13 +95,13 @@ fi
 
 for s in "${stages[@]}"; do
   case $s in bench|fp16|throughput|compiled|compare) ;;
-    *) echo "gpu_check.sh: error: unknown stage '$s' (bench, fp16, throughput, compiled, compare)" >&2
+    *) echo "run.sh: error: unknown stage '$s' (bench, fp16, throughput, compiled, compare)" >&2
        exit 2 ;;
   esac
 done
 summary=()
 if [ -e "$work" ] && [ ! -f "$work/.gpu_check-work" ] && [ -n "$(ls -A "$work" 2>/dev/null)" ]; then
-  echo "gpu_check.sh: error: WORK=$work exists and is not an earlier gpu_check work folder" >&2
+  echo "run.sh: error: WORK=$work exists and is not an earlier gpu_check work folder" >&2
   exit 2
 fi
 rm -rf "$work" && mkdir -p "$work" "$out" && touch "$work/.gpu_check-work" || exit 2
@@ -108,14 +116,14 @@ for s in "${stages[@]}"; do
       stage fp16 "${LIMIT_FP16:-60}" "$py" -m fairseq_adaptive_moe.cli.bench "${bench_dev[@]}" \
         "${fp16_tokens[@]}" --dtype float16 --implementations ours --out "$work/bench-fp16" ;;
     throughput)
-      stage throughput "${LIMIT_THROUGHPUT:-270}" "$py" examples/translation/throughput.py \
+      stage throughput "${LIMIT_THROUGHPUT:-270}" "$py" -m experiments.throughput \
         --data-bin "$tp_data" --out "$work/throughput" "${tp_args[@]}" ;;
     compiled)
       stage compiled "${LIMIT_COMPILED:-150}" "$py" -m fairseq_adaptive_moe.cli.bench "${bench_dev[@]}" \
         "${bench_tokens[@]}" "${compiled_dtype[@]}" --implementations ours,ours_compiled \
         --out "$work/bench-compiled" ;;
     compare)
-      stage compare "${LIMIT_COMPARE:-540}" "$py" examples/translation/compare.py \
+      stage compare "${LIMIT_COMPARE:-540}" "$py" -m experiments.compare \
         --data-bin "${CMP_DATA:-data-bin/m30k}" --out "$work/compare" "${cmp_args[@]}" ;;
   esac
 done

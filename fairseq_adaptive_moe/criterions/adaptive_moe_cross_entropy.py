@@ -18,6 +18,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 from fairseq.dataclass import FairseqDataclass
 
 from ..data.curriculum import SAMPLE_COMPLEXITY_KEY, sample_complexity
+from ..models.config import check_loss_weights
 from .moe_logging import moe_auxiliary_loss, moe_logging_output, reduce_moe_metrics
 
 
@@ -33,10 +34,8 @@ class MoELossConfig(FairseqDataclass):
         metadata={"help": "weight of the router z-loss, summed over MoE layers (default: 0)"},
     )
 
-    def __post_init__(self):
-        for name in ("moe_balance_loss_weight", "moe_z_loss_weight"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+    def __post_init__(self):  # the one MoE option check (models/config.py), for yaml configs too
+        check_loss_weights(self)
 
 
 @dataclass

@@ -6,7 +6,14 @@ rank mod P) holds experts ``[r*E/P, (r+1)*E/P)`` of every MoE layer, and tokens 
 experts by the dropless all-to-all of :class:`~fairseq_adaptive_moe.moe.parallel.ExpertParallelExchange`.
 The ranks holding the same experts (one per group) form a *replica group* of W/P ranks.
 
-What fairseq gets from this module, and why:
+Where the state lives: :func:`setup` returns this process's :class:`ExpertParallelState` (its
+place and process groups) and :func:`shard_parameters` attaches it to every expert parameter, as
+``param.expert_parallel``, beside fairseq's ``param.expert`` tag. Whatever needs it later (the
+fairseq patches of :mod:`.fairseq_patches`, checkpoint checks) finds it on the model with
+:func:`state_of`; a model without it is trained exactly as fairseq trains it.
+
+What fairseq gets from this module, and why (the patches themselves, and the fairseq internals
+they change, are listed in :mod:`.fairseq_patches`):
 
 * **Gradients.** Expert parameters carry fairseq's ``param.expert`` tag, so ``--ddp-backend
   legacy_ddp`` (alias ``no_c10d``) does not all-reduce them. The other backends are refused:
@@ -14,20 +21,20 @@ What fairseq gets from this module, and why:
   tensor (and fairseq's c10d wrapper cannot run on CPU at all: it passes ``device_ids``);
   fully_sharded and slowmo shard or average differently again.
   Their gradient is instead summed over the replica group and divided by W, right after
-  legacy_ddp's own reduction of the shared gradients (its ``all_reduce_grads``, which the trainer
-  calls once per update, after the last ``--update-freq`` micro-batch), in one coalesced
-  all-reduce. fairseq divides shared gradients by W the same way (DDP averages, then the trainer
-  multiplies by ``W / sample_size``), so every parameter ends with ``sum of per-token gradients /
-  sample_size``, as in one process.
-* **Clipping.** fairseq's ``clip_grad_norm_`` leaves ``expert`` gradients out of the norm. While
-  expert parallelism is active it is wrapped so that the norm is the true global one,
-  ``sqrt(|shared|^2 + sum over the P shards of |local experts|^2)``, the same on every rank.
+  legacy_ddp's own reduction of the shared gradients (:func:`reduce_expert_grads`, called once
+  per update, after the last ``--update-freq`` micro-batch), in one coalesced all-reduce. fairseq
+  divides shared gradients by W the same way (DDP averages, then the trainer multiplies by
+  ``W / sample_size``), so every parameter ends with ``sum of per-token gradients / sample_size``,
+  as in one process.
+* **Clipping.** fairseq's ``clip_grad_norm_`` leaves ``expert`` gradients out of the norm. Under
+  expert parallelism the norm is the true global one, ``sqrt(|shared|^2 + sum over the P shards
+  of |local experts|^2)``, the same on every rank (:func:`expert_grad_sq_norm`).
 * **Checkpoints.** Ranks ``0..P-1`` (the first group) each save their own file, the checkpoint name
   plus ``-ep{r}`` (``checkpoint_last-ep0.pt``, ...), holding the shared parameters, their experts
   and their optimizer state. Every rank loads the file of its own shard, so resuming under the same
   P works as usual. After loading, the ranks compare their update counts and shared parameters
   (:func:`check_shards_agree`): shards of different steps, left by a run killed between two ranks'
-  saves, stop the run with one line. ``adaptive-moe-consolidate`` merges the shards (or re-shards
+  saves, are refused with one line. ``adaptive-moe-consolidate`` merges the shards (or re-shards
   to another P).
 * **Launching on CPU.** fairseq's torchrun support divides by the number of GPUs; under
   ``torchrun ... fairseq-train --cpu`` the rank, world size and gloo backend are taken from
@@ -37,21 +44,26 @@ Validation stays in lockstep because fairseq pads every rank's shard of batches 
 length with dummy batches, and a dummy batch runs the full forward (its loss is multiplied by 0).
 Beam search does not: its number of decoder steps depends on the data. Generation therefore runs
 on a consolidated checkpoint, and ``--eval-bleu`` during expert-parallel training is refused.
+
+This module needs torch only; fairseq is imported by :mod:`.fairseq_patches` alone.
 """
 
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from ..errors import AdaptiveMoEError, MoEConfigError
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED_DDP_BACKENDS = ("legacy_ddp", "no_c10d")
 TORCHRUN_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")
+STATE_ATTR = "expert_parallel"  # param.expert_parallel: the ExpertParallelState of a shard
 
 
 def shard_suffix(ep_rank: int) -> str:
@@ -59,9 +71,9 @@ def shard_suffix(ep_rank: int) -> str:
     return f"-ep{ep_rank}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExpertParallelState:
-    """This process's place in expert parallelism.
+    """This process's place in expert parallelism (immutable; shared by every expert parameter).
 
     size:          P, ranks sharing one copy of the experts
     world:         W, all ranks
@@ -80,17 +92,16 @@ class ExpertParallelState:
     def replicas(self) -> int:
         return self.world // self.size
 
-
-_STATE: Optional[ExpertParallelState] = None
-
-
-def current() -> Optional[ExpertParallelState]:
-    """The state set up by :func:`setup`, or None without expert parallelism."""
-    return _STATE
+    def __deepcopy__(self, memo):  # a copied model is in the same process: same groups
+        return self
 
 
-class ExpertParallelError(ValueError):
+class ExpertParallelError(MoEConfigError):
     """A configuration expert parallelism cannot run; the message names the flag."""
+
+
+class ShardMismatchError(AdaptiveMoEError):
+    """The checkpoint shards the ranks loaded are not of one training step."""
 
 
 def parallel_size(cfg) -> int:
@@ -181,26 +192,30 @@ def configure_cpu_torchrun(args) -> None:
         args.distributed_backend = "gloo"
 
 
-def setup(size: int) -> Optional[ExpertParallelState]:
-    """Create (once per process) the expert-parallel and replica process groups for P = ``size``.
+# Process groups are collective objects: torch.distributed.new_group must be called by every rank,
+# in the same order, and each group holds its connections for the life of the process. They are
+# therefore made once per process and P and shared by every MoE layer of every model built in the
+# process (e.g. fairseq-generate's ensemble). This cache of immutable states is the package's only
+# module-level state; an entry made under an earlier default group (torch.distributed destroyed
+# and initialised again) is not reused.
+_GROUPS: Dict[int, tuple] = {}
 
-    Every rank creates every group, in the same order, as ``torch.distributed.new_group``
-    requires. Returns None for ``size == 1``.
-    """
-    global _STATE
+
+def setup(size: int) -> Optional[ExpertParallelState]:
+    """The :class:`ExpertParallelState` of this process for P = ``size``, its process groups made
+    on first use (every rank makes every group, in the same order, as
+    ``torch.distributed.new_group`` requires). None for ``size == 1``."""
     if size <= 1:
         return None
-    if _STATE is not None:
-        if _STATE.size != size:
-            raise ExpertParallelError(
-                f"--moe-expert-parallel-size {size} differs from the {_STATE.size} already set up "
-                "in this process")
-        return _STATE
     if not (dist.is_available() and dist.is_initialized()):
         raise ExpertParallelError(
             f"--moe-expert-parallel-size {size} needs distributed training (torchrun, or "
             "fairseq's --distributed-world-size); to use a sharded model in one process, merge it "
             "with adaptive-moe-consolidate")
+    world_group = dist.group.WORLD
+    cached = _GROUPS.get(size)
+    if cached is not None and cached[0] is world_group:
+        return cached[1]
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % size != 0:
         raise ExpertParallelError(
@@ -217,25 +232,43 @@ def setup(size: int) -> Optional[ExpertParallelState]:
             g = dist.new_group(ranks)
             if rank % size == ep_rank:
                 replica_group = g
-    _STATE = ExpertParallelState(size, world, rank % size, group, replica_group)
-    _install_fairseq_hooks()
+    state = ExpertParallelState(size, world, rank % size, group, replica_group)
+    _GROUPS[size] = (world_group, state)
     logger.info(f"expert parallelism: {size} ranks per expert group, {world // size} "
                 f"replica(s) of each expert; this rank holds shard {rank % size}")
-    return _STATE
+    return state
 
 
 def shard_parameters(module: torch.nn.Module, state: ExpertParallelState) -> None:
-    """Tag a module's parameters as expert-sharded (fairseq's ``param.expert``): legacy_ddp leaves
-    them alone and :func:`reduce_expert_grads` reduces them once per update."""
+    """Mark a module's parameters as this rank's expert shard: fairseq's ``param.expert`` tag
+    (legacy_ddp leaves them alone, fairseq's clipping leaves them out of its norm) and
+    ``param.expert_parallel = state``, which the fairseq patches read (:func:`state_of`)."""
     for p in module.parameters():
         p.expert = True
+        setattr(p, STATE_ATTR, state)
+
+
+def state_of(module: torch.nn.Module) -> Optional[ExpertParallelState]:
+    """The expert-parallel state a model's expert shards carry, or None for a model without
+    expert parallelism (plain fairseq behaviour)."""
+    for p in module.parameters():
+        state = getattr(p, STATE_ATTR, None)
+        if state is not None:
+            return state
+    return None
+
+
+def _sharded(module: torch.nn.Module, state: ExpertParallelState) -> list:
+    """The expert-sharded parameters of ``state``, in the module's parameter order (the same on
+    every rank)."""
+    return [p for p in module.parameters() if getattr(p, STATE_ATTR, None) is state]
 
 
 def reduce_expert_grads(module: torch.nn.Module, state: ExpertParallelState) -> None:
-    """Sum the ``expert`` gradients over the replica group (one coalesced all-reduce) and divide
+    """Sum the expert-shard gradients over the replica group (one coalesced all-reduce) and divide
     them by the world size. Every rank passes the same parameters in the same order; a gradient
     that is missing (an expert no token reached) counts as zero, as legacy_ddp does."""
-    params = [p for p in module.parameters() if p.requires_grad and hasattr(p, "expert")]
+    params = [p for p in _sharded(module, state) if p.requires_grad]
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -251,35 +284,22 @@ def reduce_expert_grads(module: torch.nn.Module, state: ExpertParallelState) -> 
         g.div_(state.world)
 
 
-_ORIGINAL_CLIP = None
-
-
-def _clip_grad_norm_(params, max_norm, aggregate_norm_fn=None):
-    """fairseq's ``utils.clip_grad_norm_`` with expert-sharded gradients in the norm."""
-    if isinstance(params, torch.Tensor):
-        params = [params]
-    params = list(params)
-    state = _STATE
-    expert_grads = [p.grad for p in params
-                    if p is not None and getattr(p, "grad", None) is not None and hasattr(p, "expert")]
-    if state is None or not expert_grads:
-        return _ORIGINAL_CLIP(params, max_norm, aggregate_norm_fn)
-    local = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) ** 2
-                         for g in expert_grads]).sum()
+def expert_grad_sq_norm(module: torch.nn.Module, state: ExpertParallelState) -> Optional[torch.Tensor]:
+    """``sum over the P shards of |expert gradients|^2`` (fp32), the same on every rank of the
+    expert-parallel group: the term fairseq's clipping norm leaves out. None when this rank has
+    no expert gradient (then no collective runs, on any rank: they all hold the same layers)."""
+    grads = [p.grad for p in _sharded(module, state) if p.grad is not None]
+    if not grads:
+        return None
+    local = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) ** 2 for g in grads]).sum()
     dist.all_reduce(local, group=state.group)  # each expert once: the P shards of one group
-
-    def aggregate(shared_norm):
-        if aggregate_norm_fn is not None:
-            shared_norm = aggregate_norm_fn(shared_norm)
-        return (shared_norm.float() ** 2 + local.to(shared_norm.device)).sqrt()
-
-    return _ORIGINAL_CLIP(params, max_norm, aggregate)
+    return local
 
 
 def check_shards_agree(model: torch.nn.Module, num_updates: int, filename: str) -> None:
     """After every rank loaded its shard: all ranks must hold the same update count and the same
     shared parameters. A run killed between two ranks' saves leaves shards of different steps;
-    loading them would train on silently mixed weights. Exits with one line instead."""
+    loading them would train on silently mixed weights. Raises :class:`ShardMismatchError`."""
     shared = [p.detach() for p in model.parameters() if not hasattr(p, "expert")]
     fingerprint = torch.stack([p.double().sum() for p in shared]).sum() if shared else torch.zeros((), dtype=torch.float64)
     mine = torch.stack([torch.tensor(float(num_updates), dtype=torch.float64, device=fingerprint.device),
@@ -288,58 +308,7 @@ def check_shards_agree(model: torch.nn.Module, num_updates: int, filename: str) 
     dist.all_gather(every, mine)
     if any(not torch.equal(t, every[0]) for t in every):
         updates = [int(t[0].item()) for t in every]
-        import sys
-
-        sys.stderr.write(
-            f"error: the checkpoint shards loaded for {filename} do not belong together (updates per "
+        raise ShardMismatchError(
+            f"the checkpoint shards loaded for {filename} do not belong together (updates per "
             f"rank: {updates}; a run stopped while saving?); restore one step that every shard has, "
-            "e.g. --restore-file SAVE_DIR/checkpoint_EPOCH_UPDATES.pt\n")
-        raise SystemExit(1)
-
-
-def _install_fairseq_hooks() -> None:
-    """Per-shard checkpoint names and saving ranks, the global clipping norm and the expert
-    gradient reduction (once)."""
-    global _ORIGINAL_CLIP
-    if _ORIGINAL_CLIP is not None:
-        return
-    from fairseq import trainer, utils
-
-    _ORIGINAL_CLIP = utils.clip_grad_norm_
-    utils.clip_grad_norm_ = _clip_grad_norm_
-
-    from fairseq.distributed import LegacyDistributedDataParallel as legacy_ddp
-
-    reduce_shared = legacy_ddp.all_reduce_grads
-
-    def all_reduce_grads(self):
-        reduce_shared(self)
-        if _STATE is not None and not self.accumulate_grads:  # accumulate_grads: inside no_sync
-            reduce_expert_grads(self.module, _STATE)
-
-    legacy_ddp.all_reduce_grads = all_reduce_grads
-
-    cls = trainer.Trainer
-    suffix, should_save = cls.checkpoint_suffix, cls.should_save_checkpoint_on_current_rank
-
-    def checkpoint_suffix(self) -> str:
-        base = suffix.fget(self)
-        return base if _STATE is None else base + shard_suffix(_STATE.rank)
-
-    def should_save_checkpoint_on_current_rank(self) -> bool:
-        if _STATE is None:
-            return should_save.fget(self)
-        return self.data_parallel_rank < _STATE.size  # the first group holds every shard once
-
-    load = cls.load_checkpoint
-
-    def load_checkpoint(self, filename, *args, **kwargs):
-        extra_state = load(self, filename, *args, **kwargs)
-        if _STATE is not None:
-            check_shards_agree(self._model, self.get_num_updates(), filename)
-        return extra_state
-
-    cls.load_checkpoint = load_checkpoint
-    cls.checkpoint_suffix = property(checkpoint_suffix, doc=suffix.__doc__)
-    cls.should_save_checkpoint_on_current_rank = property(
-        should_save_checkpoint_on_current_rank, doc=should_save.__doc__)
+            "e.g. --restore-file SAVE_DIR/checkpoint_EPOCH_UPDATES.pt")

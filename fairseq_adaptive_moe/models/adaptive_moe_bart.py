@@ -10,10 +10,11 @@ Its encoder and decoder are this plugin's ``AdaptiveMoETransformerEncoder/Decode
 **Dense checkpoints load into it.** ``fairseq-train --arch adaptive_moe_bart_large
 --restore-file bart.large/model.pt --reset-optimizer ...``: ``upgrade_state_dict_named``, which
 fairseq runs on every state dict before loading it, turns the dense FFN weights of each layer that
-is MoE here (``encoder.layers.3.fc1.weight`` ...) into that layer's expert stacks:
+is MoE here (``encoder.layers.3.fc1.weight`` ...) into that layer's expert stacks
+(:func:`.dense_to_moe.dense_ffn_to_experts`, the conversion ``adaptive-moe-upcycle`` uses too):
 
 - ``--moe-init-from-dense copy`` (default): every expert is a copy of the dense FFN
-  (``ExpertFFN.load_dense``, as ``adaptive-moe-upcycle`` does);
+  (``ExpertFFN.load_dense``);
 - ``--moe-init-from-dense random``: the experts keep their random init and the dense FFN is
   dropped.
 
@@ -28,10 +29,8 @@ model is dense) stops with one line naming the layer.
 """
 
 import logging
-import sys
 from dataclasses import dataclass, field
-from types import SimpleNamespace
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
@@ -41,13 +40,13 @@ from fairseq.models import register_model, register_model_architecture
 from fairseq.models.bart import BARTModel
 from fairseq.models.bart.model import bart_base_architecture, bart_large_architecture
 
-from ..moe import MoELayer
 from .adaptive_moe_transformer import AdaptiveMoETransformerModel, encode_decode
-from .config import MoEConfig, exit_on_bad_moe_args, set_moe_defaults
+from .config import MoEConfig, check_and_configure_moe_args, set_moe_defaults
+from .dense_to_moe import (  # noqa: F401  (MoECheckpointError: importable from here, as before)
+    INIT_FROM_DENSE, MoECheckpointError, dense_ffn_to_experts, moe_layers,
+)
 
 logger = logging.getLogger(__name__)
-
-INIT_FROM_DENSE = ("copy", "random")
 
 
 @dataclass
@@ -58,76 +57,6 @@ class MoEBARTConfig(FairseqDataclass):
                           "copy each dense FFN into every expert of its layer, or keep the "
                           "experts' random init and drop the dense FFN (default: copy)"},
     )
-
-
-class MoECheckpointError(ValueError):
-    """A state dict that does not fit the model's MoE layers. The message names the layer."""
-
-
-def moe_layers(model) -> List[tuple]:
-    """[(module name, MoELayer)] of ``model``, in module order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, MoELayer)]
-
-
-@torch.no_grad()
-def dense_ffn_to_experts(model, state_dict, prefix: str = "", init: str = "copy") -> List[str]:
-    """Rewrite, in place, the dense FFN weights of ``state_dict`` for ``model``'s MoE layers.
-
-    For each MoE layer ``X.moe`` of the model whose ``X.fc1.*`` / ``X.fc2.*`` are in the state dict,
-    those four tensors are replaced by the MoE layer's own (``X.moe.gate.wg.weight``,
-    ``X.moe.experts.*``): experts copied from the dense FFN (``init="copy"``) or left at their
-    init (``"random"``), the gate at its init. Layers already MoE in the state dict are checked
-    (expert count, FFN size) and kept. Returns the converted layers' names; raises
-    :class:`MoECheckpointError` on a mismatch.
-    """
-    if init not in INIT_FROM_DENSE:
-        raise MoECheckpointError(f"--moe-init-from-dense must be one of {INIT_FROM_DENSE}, "
-                                 f"got {init!r}")
-    layers = moe_layers(model)
-    moe_prefixes = {prefix + name + "." for name, _ in layers}
-    for key in state_dict:
-        if ".moe." in key and key.split(".moe.")[0] + ".moe." not in moe_prefixes:
-            layer = key.split(".moe.")[0]
-            raise MoECheckpointError(f"the checkpoint's {layer} is an MoE layer but this model's "
-                                     "is dense (check --moe-freq and the layer counts)")
-    converted = []
-    for name, moe in layers:
-        layer, here = prefix + name[: -len(".moe")], prefix + name + "."
-        dense = {f"{fc}.{p}": f"{layer}.{fc}.{p}" for fc in ("fc1", "fc2") for p in ("weight", "bias")}
-        found = [k for k in dense.values() if k in state_dict]
-        experts = moe.experts
-        if any(k.startswith(here) for k in state_dict):
-            if found:
-                raise MoECheckpointError(f"the checkpoint's {layer} has both dense FFN and MoE "
-                                         "weights")
-            stored = state_dict.get(here + "experts.fc1_weight")
-            if stored is not None and tuple(stored.shape) != tuple(experts.fc1_weight.shape):
-                raise MoECheckpointError(
-                    f"the checkpoint's {layer} has {stored.shape[0]} experts of shape "
-                    f"{tuple(stored.shape[1:])}, this model {experts.num_experts} of shape "
-                    f"{tuple(experts.fc1_weight.shape[1:])} (check --moe-expert-count and the "
-                    "FFN dims)")
-            continue
-        if not found:
-            continue  # nothing to convert; a strict load names the missing keys
-        if len(found) != 4:
-            raise MoECheckpointError(f"the checkpoint's {layer} has an incomplete dense FFN "
-                                     f"({', '.join(found)})")
-        fc1 = SimpleNamespace(weight=state_dict[dense["fc1.weight"]], bias=state_dict[dense["fc1.bias"]])
-        fc2 = SimpleNamespace(weight=state_dict[dense["fc2.weight"]], bias=state_dict[dense["fc2.bias"]])
-        want = (experts.ffn_dim, experts.embed_dim)
-        if tuple(fc1.weight.shape) != want or tuple(fc2.weight.shape) != want[::-1]:
-            raise MoECheckpointError(
-                f"the checkpoint's {layer} FFN is {tuple(fc1.weight.shape[::-1])} (d, ffn), this "
-                f"model's experts are {want[::-1]} (check the architecture's dims)")
-        if init == "copy":
-            experts.load_dense(fc1, fc2)
-        for key in dense.values():
-            del state_dict[key]
-        for key, value in moe.state_dict().items():
-            state_dict[here + key] = value  # live tensors: load_state_dict copies them onto themselves
-        converted.append(layer)
-    return converted
 
 
 @register_model("adaptive_moe_bart")
@@ -178,9 +107,8 @@ class AdaptiveMoEBARTModel(BARTModel):
         init = getattr(self.args, "moe_init_from_dense", None) or "copy"
         try:
             converted = dense_ffn_to_experts(self, state_dict, name + "." if name else "", init)
-        except MoECheckpointError as e:
-            sys.stderr.write(f"error: cannot load the checkpoint into {self.args.arch}: {e}\n")
-            raise SystemExit(1) from None
+        except MoECheckpointError as e:  # one line at fairseq's boundary (fairseq_adaptive_moe.errors)
+            raise MoECheckpointError(f"cannot load the checkpoint into {self.args.arch}: {e}") from None
         if not converted:
             return
         experts = moe_layers(self)[0][1].experts.num_experts
@@ -204,7 +132,7 @@ def _moe_bart_defaults(args, dims, **moe_defaults) -> None:
     if getattr(args, "moe_init_from_dense", None) is None:
         args.moe_init_from_dense = "copy"
     dims(args)
-    exit_on_bad_moe_args(args)
+    check_and_configure_moe_args(args)
 
 
 @register_model_architecture("adaptive_moe_bart", "adaptive_moe_bart")

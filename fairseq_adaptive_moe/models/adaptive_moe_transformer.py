@@ -24,7 +24,8 @@ from fairseq.models.transformer import (
 from fairseq.models.transformer.transformer_legacy import base_architecture
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 
-from .config import MoEConfig, exit_on_bad_moe_args, set_moe_defaults
+from ..moe import MoEStats
+from .config import MoEConfig, check_and_configure_moe_args, set_moe_defaults
 from .layers import (
     MoETransformerDecoderLayer,
     MoETransformerEncoderLayer,
@@ -69,39 +70,86 @@ class AdaptiveMoETransformerEncoder(_MoELayerChoice, TransformerEncoderBase):
             return super().build_encoder_layer(cfg)
         return _wrap(MoETransformerEncoderLayer(cfg, name=f"encoder.{index}"), cfg)
 
-    def forward_scriptable(self, src_tokens, src_lengths: Optional[Tensor] = None,
-                           return_all_hiddens: bool = False,
-                           token_embeddings: Optional[Tensor] = None):
-        """fairseq's encoder forward, collecting each MoE layer's stats in ``moe_stats``."""
+    def forward_scriptable(
+        self,
+        src_tokens,
+        src_lengths: Optional[torch.Tensor] = None,
+        return_all_hiddens: bool = False,
+        token_embeddings: Optional[torch.Tensor] = None,
+    ):
+        """Copied from fairseq 0.12.3.1 (fairseq-fixed),
+        ``fairseq.models.transformer.transformer_encoder.TransformerEncoderBase.forward_scriptable``;
+        lines ending in ``# MoE:`` differ (pinned in :mod:`.upstream`). Collects each MoE layer's
+        stats in ``encoder_out["moe_stats"]``."""
+        # compute padding mask
         encoder_padding_mask = src_tokens.eq(self.padding_idx)
-        has_pads = encoder_padding_mask.any()
-        x, encoder_embedding = self.forward_embedding(src_tokens, token_embeddings)
-        x = x * (1 - encoder_padding_mask.unsqueeze(-1).type_as(x) * has_pads.type_as(x))
-        x = x.transpose(0, 1)  # B x T x C -> T x B x C
+        has_pads = (
+            torch.tensor(src_tokens.device.type == "xla") or encoder_padding_mask.any()
+        )
+        # Torchscript doesn't handle bool Tensor correctly, so we need to work around.
+        if torch.jit.is_scripting():
+            has_pads = torch.tensor(1) if has_pads else torch.tensor(0)
 
-        encoder_states = [x] if return_all_hiddens else []
-        moe_stats = []
+        x, encoder_embedding = self.forward_embedding(src_tokens, token_embeddings)
+
+        # account for padding while computing the representation
+        x = x * (
+            1 - encoder_padding_mask.unsqueeze(-1).type_as(x) * has_pads.type_as(x)
+        )
+
+        # B x T x C -> T x B x C
+        x = x.transpose(0, 1)
+
+        encoder_states = []
+        fc_results = []
+        moe_stats: List[MoEStats] = []  # MoE:
+
+        if return_all_hiddens:
+            encoder_states.append(x)
+
+        # encoder layers
         for layer in self.layers:
-            result = layer(x, encoder_padding_mask=encoder_padding_mask if has_pads else None)
-            x = result[0] if isinstance(result, tuple) else result
-            stats = layer_stats(result)
-            if stats is not None:
-                moe_stats.append(stats)
-            if return_all_hiddens:
+            lr = layer(
+                x, encoder_padding_mask=encoder_padding_mask if has_pads else None
+            )
+
+            stats = layer_stats(lr)  # MoE: an MoE layer returns (x, MoEStats)
+            if stats is not None:  # MoE:
+                moe_stats.append(stats)  # MoE:
+                lr = lr[0]  # MoE:
+            if isinstance(lr, tuple) and len(lr) == 2:
+                x, fc_result = lr
+            else:
+                x = lr
+                fc_result = None
+
+            if return_all_hiddens and not torch.jit.is_scripting():
+                assert encoder_states is not None
                 encoder_states.append(x)
+                fc_results.append(fc_result)
 
         if self.layer_norm is not None:
             x = self.layer_norm(x)
-        src_lengths = src_tokens.ne(self.padding_idx).sum(dim=1, dtype=torch.int32).reshape(-1, 1)
+
+        # The Pytorch Mobile lite interpreter does not supports returning NamedTuple in
+        # `forward` so we use a dictionary instead.
+        # TorchScript does not support mixed values so the values are all lists.
+        # The empty list is equivalent to None.
+        src_lengths = (
+            src_tokens.ne(self.padding_idx)
+            .sum(dim=1, dtype=torch.int32)
+            .reshape(-1, 1)
+            .contiguous()
+        )
         return {
             "encoder_out": [x],  # T x B x C
             "encoder_padding_mask": [encoder_padding_mask],  # B x T
             "encoder_embedding": [encoder_embedding],  # B x T x C
             "encoder_states": encoder_states,  # List[T x B x C]
-            "fc_results": [],
+            "fc_results": fc_results,  # List[T x B x C]
             "src_tokens": [],
             "src_lengths": [src_lengths],
-            "moe_stats": moe_stats,  # List[MoEStats]; dropped by reorder_encoder_out
+            "moe_stats": moe_stats,  # MoE: List[MoEStats]; dropped by reorder_encoder_out
         }
 
 
@@ -121,9 +169,14 @@ class AdaptiveMoETransformerDecoder(_MoELayerChoice, TransformerDecoderBase):
         alignment_layer: Optional[int] = None,
         alignment_heads: Optional[int] = None,
     ):
-        """fairseq's decoder features, collecting each MoE layer's stats in ``extra["moe_stats"]``."""
+        """Copied from fairseq 0.12.3.1 (fairseq-fixed),
+        ``fairseq.models.transformer.transformer_decoder.TransformerDecoderBase.extract_features_scriptable``;
+        lines ending in ``# MoE:`` differ (pinned in :mod:`.upstream`). Collects each MoE layer's
+        stats in ``extra["moe_stats"]``."""
+        bs, slen = prev_output_tokens.size()
         if alignment_layer is None:
             alignment_layer = self.num_layers - 1
+
         enc: Optional[Tensor] = None
         padding_mask: Optional[Tensor] = None
         if encoder_out is not None and len(encoder_out["encoder_out"]) > 0:
@@ -131,48 +184,68 @@ class AdaptiveMoETransformerDecoder(_MoELayerChoice, TransformerDecoderBase):
         if encoder_out is not None and len(encoder_out["encoder_padding_mask"]) > 0:
             padding_mask = encoder_out["encoder_padding_mask"][0]
 
+        # embed positions
         positions = None
         if self.embed_positions is not None:
-            positions = self.embed_positions(prev_output_tokens, incremental_state=incremental_state)
+            positions = self.embed_positions(
+                prev_output_tokens, incremental_state=incremental_state
+            )
+
         if incremental_state is not None:
             prev_output_tokens = prev_output_tokens[:, -1:]
             if positions is not None:
                 positions = positions[:, -1:]
+
+        # Prevent torchscript exporting issue for dynamic quant embedding
+        prev_output_tokens = prev_output_tokens.contiguous()
+        # embed tokens and positions
+        x = self.embed_scale * self.embed_tokens(prev_output_tokens)
+
+        if self.quant_noise is not None:
+            x = self.quant_noise(x)
+
+        if self.project_in_dim is not None:
+            x = self.project_in_dim(x)
+
+        if positions is not None:
+            x += positions
+
+        if self.layernorm_embedding is not None:
+            x = self.layernorm_embedding(x)
+
+        x = self.dropout_module(x)
+
+        # B x T x C -> T x B x C
+        x = x.transpose(0, 1)
+
         self_attn_padding_mask: Optional[Tensor] = None
         if self.cross_self_attention or prev_output_tokens.eq(self.padding_idx).any():
             self_attn_padding_mask = prev_output_tokens.eq(self.padding_idx)
 
-        x = self.embed_scale * self.embed_tokens(prev_output_tokens.contiguous())
-        if self.quant_noise is not None:
-            x = self.quant_noise(x)
-        if self.project_in_dim is not None:
-            x = self.project_in_dim(x)
-        if positions is not None:
-            x += positions
-        if self.layernorm_embedding is not None:
-            x = self.layernorm_embedding(x)
-        x = self.dropout_module(x)
-        x = x.transpose(0, 1)  # B x T x C -> T x B x C
-
+        # decoder layers
         attn: Optional[Tensor] = None
         inner_states: List[Optional[Tensor]] = [x]
-        moe_stats = []
+        moe_stats: List[MoEStats] = []  # MoE:
         for idx, layer in enumerate(self.layers):
             if incremental_state is None and not full_context_alignment:
                 self_attn_mask = self.buffered_future_mask(x)
             else:
                 self_attn_mask = None
-            result = layer(
-                x, enc, padding_mask, incremental_state,
+
+            result = layer(  # MoE: an MoE layer returns (x, attn, state, MoEStats)
+                x,
+                enc,
+                padding_mask,
+                incremental_state,
                 self_attn_mask=self_attn_mask,
                 self_attn_padding_mask=self_attn_padding_mask,
-                need_attn=bool(idx == alignment_layer),
-                need_head_weights=bool(idx == alignment_layer),
+                need_attn=bool((idx == alignment_layer)),
+                need_head_weights=bool((idx == alignment_layer)),
             )
-            x, layer_attn = result[0], result[1]
-            stats = layer_stats(result)
-            if stats is not None:
-                moe_stats.append(stats)
+            x, layer_attn = result[0], result[1]  # MoE:
+            stats = layer_stats(result)  # MoE:
+            if stats is not None:  # MoE:
+                moe_stats.append(stats)  # MoE:
             inner_states.append(x)
             if layer_attn is not None and idx == alignment_layer:
                 attn = layer_attn.float().to(x)
@@ -180,13 +253,20 @@ class AdaptiveMoETransformerDecoder(_MoELayerChoice, TransformerDecoderBase):
         if attn is not None:
             if alignment_heads is not None:
                 attn = attn[:alignment_heads]
-            attn = attn.mean(dim=0)  # average probabilities over heads
+
+            # average probabilities over heads
+            attn = attn.mean(dim=0)
+
         if self.layer_norm is not None:
             x = self.layer_norm(x)
-        x = x.transpose(0, 1)  # T x B x C -> B x T x C
+
+        # T x B x C -> B x T x C
+        x = x.transpose(0, 1)
+
         if self.project_out_dim is not None:
             x = self.project_out_dim(x)
-        return x, {"attn": [attn], "inner_states": inner_states, "moe_stats": moe_stats}
+
+        return x, {"attn": [attn], "inner_states": inner_states, "moe_stats": moe_stats}  # MoE:
 
 
 @register_model("adaptive_moe_transformer")
@@ -218,18 +298,35 @@ class AdaptiveMoETransformerModel(TransformerModelBase):
         return AdaptiveMoETransformerDecoder(cfg, tgt_dict, embed_tokens,
                                              no_encoder_attn=cfg.no_cross_attention)
 
-    def forward(self, src_tokens, src_lengths, prev_output_tokens, return_all_hiddens: bool = True,
-                features_only: bool = False, alignment_layer: Optional[int] = None,
-                alignment_heads: Optional[int] = None):
-        return encode_decode(self, src_tokens, src_lengths, prev_output_tokens, return_all_hiddens,
-                             features_only=features_only, alignment_layer=alignment_layer,
-                             alignment_heads=alignment_heads)
+    def forward(
+        self,
+        src_tokens,
+        src_lengths,
+        prev_output_tokens,
+        return_all_hiddens: bool = True,
+        features_only: bool = False,
+        alignment_layer: Optional[int] = None,
+        alignment_heads: Optional[int] = None,
+    ):
+        """Copied from fairseq 0.12.3.1 (fairseq-fixed),
+        ``fairseq.models.transformer.transformer_base.TransformerModelBase.forward``; lines ending
+        in ``# MoE:`` differ (pinned in :mod:`.upstream`)."""
+        # MoE: the encoder and decoder calls are encode_decode's, shared with MoE BART
+        return encode_decode(  # MoE:
+            self, src_tokens, src_lengths, prev_output_tokens, return_all_hiddens,  # MoE:
+            features_only=features_only,
+            alignment_layer=alignment_layer,
+            alignment_heads=alignment_heads,
+        )  # MoE: src_lengths, return_all_hiddens passed above; encode_decode returns decoder_out
 
 
 def encode_decode(model, src_tokens, src_lengths, prev_output_tokens, return_all_hiddens: bool,
                   token_embeddings: Optional[Tensor] = None, **decoder_kwargs):
     """Encoder, then decoder, with every MoE layer's stats in ``extra["moe_stats"]`` (encoder
-    layers first). Shared by the encoder-decoder models of this plugin."""
+    layers first). Shared by the encoder-decoder models of this plugin.
+
+    The encoder and decoder calls of fairseq 0.12.3.1's ``TransformerModelBase.forward`` and
+    ``BARTModel.forward`` (both pinned in :mod:`.upstream`), plus the ``moe_stats`` line."""
     encoder_out = model.encoder(src_tokens, src_lengths=src_lengths, token_embeddings=token_embeddings,
                                 return_all_hiddens=return_all_hiddens)
     x, extra = model.decoder(prev_output_tokens, encoder_out=encoder_out, src_lengths=src_lengths,
@@ -238,31 +335,35 @@ def encode_decode(model, src_tokens, src_lengths, prev_output_tokens, return_all
     return x, extra
 
 
+def set_arch_defaults(args, get=getattr, **defaults) -> None:
+    """``args.name = get(args, name, default)`` for each ``name=default``: what fairseq's
+    architecture functions write one line per option. ``get`` is ``getattr`` (as fairseq's
+    legacy transformer architectures) or ``fairseq.utils.safe_getattr`` (as its transformer_lm
+    ones), so that each architecture keeps the semantics of the fairseq one it extends."""
+    for name, default in defaults.items():
+        setattr(args, name, get(args, name, default))
+
+
 @register_model_architecture("adaptive_moe_transformer", "adaptive_moe_transformer")
 def adaptive_moe_transformer(args, **moe_defaults):
     """fairseq's transformer base dimensions (6+6 layers, d 512, FFN 2048), 16 experts."""
     set_moe_defaults(args, **moe_defaults)
     base_architecture(args)
-    exit_on_bad_moe_args(args)
+    check_and_configure_moe_args(args)
 
 
 @register_model_architecture("adaptive_moe_transformer", "adaptive_moe_transformer_tiny")
 def adaptive_moe_transformer_tiny(args):
     """For tests and CPU demos: 2+2 layers, d 64, FFN 128, 4 heads, 4 experts."""
-    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 64)
-    args.encoder_ffn_embed_dim = getattr(args, "encoder_ffn_embed_dim", 128)
-    args.encoder_layers = getattr(args, "encoder_layers", 2)
-    args.encoder_attention_heads = getattr(args, "encoder_attention_heads", 4)
-    args.decoder_layers = getattr(args, "decoder_layers", 2)
-    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", 4)
+    set_arch_defaults(args, encoder_embed_dim=64, encoder_ffn_embed_dim=128, encoder_layers=2,
+                      encoder_attention_heads=4, decoder_layers=2, decoder_attention_heads=4)
     adaptive_moe_transformer(args, moe_expert_count=4)
 
 
 @register_model_architecture("adaptive_moe_transformer", "adaptive_moe_transformer_small")
 def adaptive_moe_transformer_small(args):
     """Quick GPU runs and longer CPU runs: 3+3 layers, d 512, FFN 2048, 8 heads, 8 experts."""
-    args.encoder_layers = getattr(args, "encoder_layers", 3)
-    args.decoder_layers = getattr(args, "decoder_layers", 3)
+    set_arch_defaults(args, encoder_layers=3, decoder_layers=3)
     adaptive_moe_transformer(args, moe_expert_count=8)
 
 
@@ -270,12 +371,8 @@ def adaptive_moe_transformer_small(args):
 def adaptive_moe_transformer_wmt19_de_en(args):
     """FSMT WMT19 de-en shape: 6+6 layers, d 1024, encoder FFN 8192, decoder FFN 4096, 16 heads,
     16 experts."""
-    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 1024)
-    args.encoder_ffn_embed_dim = getattr(args, "encoder_ffn_embed_dim", 8192)
-    args.encoder_attention_heads = getattr(args, "encoder_attention_heads", 16)
-    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", 1024)
-    args.decoder_ffn_embed_dim = getattr(args, "decoder_ffn_embed_dim", 4096)
-    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", 16)
-    args.dropout = getattr(args, "dropout", 0.2)
-    args.share_all_embeddings = getattr(args, "share_all_embeddings", True)
+    set_arch_defaults(args, encoder_embed_dim=1024, encoder_ffn_embed_dim=8192,
+                      encoder_attention_heads=16, decoder_embed_dim=1024,
+                      decoder_ffn_embed_dim=4096, decoder_attention_heads=16, dropout=0.2,
+                      share_all_embeddings=True)
     adaptive_moe_transformer(args, moe_expert_count=16)

@@ -1,20 +1,27 @@
-"""The MoE options shared by every architecture of this plugin: one dataclass field per knob."""
+"""The MoE options shared by every architecture of this plugin: one dataclass field per knob,
+and their one check.
 
-import sys
+:func:`check_moe_args` is the only validation of the MoE options and raises one error type,
+:class:`~fairseq_adaptive_moe.errors.MoEConfigError`, naming the flag. Every caller uses it: the
+architectures at start-up (:func:`check_and_configure_moe_args`), ``adaptive-moe-upcycle``, and
+the criterion's config for the loss weights (:func:`check_loss_weights`). The gate options are
+checked by the plain-PyTorch core's :func:`~fairseq_adaptive_moe.moe.check_gate_config` (which
+the layer runs for its direct users too) and reported under their flag names here; the
+expert-parallel ones by :func:`fairseq_adaptive_moe.distributed.check_args`.
+"""
+
 from dataclasses import dataclass, field
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
 from ..moe import BALANCE_TOKENS, COMBINE_WEIGHTS, EVAL_GATING, GATING_POLICIES, THRESHOLD_PROBS
 from ..moe import GateConfigError, check_gate_config
-from .. import expert_parallel
+from .. import distributed
+from ..errors import MoEConfigError  # noqa: F401  (re-exported: models.config.MoEConfigError)
 
 
 BALANCE_TOKENS_CHOICES = ("auto",) + BALANCE_TOKENS
-
-
-class MoEConfigError(ValueError):
-    """A bad MoE option. The message names the flag."""
+LOSS_WEIGHTS = ("moe_balance_loss_weight", "moe_z_loss_weight")
 
 
 @dataclass
@@ -110,36 +117,41 @@ def set_moe_defaults(args, **arch_defaults) -> None:
             setattr(args, name, default)
 
 
-def check_moe_args(args) -> None:
-    """Raise :class:`MoEConfigError` naming the first bad MoE flag on ``args``."""
-    def flag(name):
-        return "--" + name.replace("_", "-")
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
+
+def check_loss_weights(cfg) -> None:
+    """Raise :class:`MoEConfigError` for a negative (or NaN) MoE loss weight on ``cfg``; weights
+    ``cfg`` does not have are skipped (the model's options do not always carry the criterion's)."""
+    for name in LOSS_WEIGHTS:
+        value = getattr(cfg, name, None)
+        if value is not None and not value >= 0:
+            raise MoEConfigError(f"{_flag(name)} must be >= 0, got {value}")
+
+
+def check_moe_args(args) -> None:
+    """Raise :class:`MoEConfigError` naming the first bad MoE flag on ``args``: the one check of
+    the MoE options (see the module docstring)."""
     if args.moe_freq < 0:
-        raise MoEConfigError(f"{flag('moe_freq')} must be >= 0, got {args.moe_freq}")
+        raise MoEConfigError(f"{_flag('moe_freq')} must be >= 0, got {args.moe_freq}")
     try:
         check_gate_config(args.moe_expert_count, args.moe_gating, args.moe_threshold,
                           args.moe_max_experts, args.moe_eval_gating, args.moe_capacity_factor,
                           args.moe_threshold_probs, args.moe_combine_weights)
     except GateConfigError as e:
         name = GATE_OPTION_FLAGS[e.option]
-        raise MoEConfigError(f"{flag(name)} {str(e).split(' ', 1)[1]}") from None
-    try:
-        expert_parallel.check_args(args)
-    except expert_parallel.ExpertParallelError as e:
-        raise MoEConfigError(str(e)) from None
-    for name in ("moe_balance_loss_weight", "moe_z_loss_weight"):
-        value = getattr(args, name, None)
-        if value is not None and not value >= 0:
-            raise MoEConfigError(f"{flag(name)} must be >= 0, got {value}")
+        raise MoEConfigError(f"{_flag(name)} {str(e).split(' ', 1)[1]}") from None
+    distributed.check_args(args)  # ExpertParallelError, an MoEConfigError naming its flag
+    check_loss_weights(args)
 
 
-def exit_on_bad_moe_args(args) -> None:
+def check_and_configure_moe_args(args) -> None:
     """At start-up (architecture hooks run right after parsing, before anything is written):
-    one line on stderr and exit status 1 instead of a traceback."""
-    try:
-        check_moe_args(args)
-        expert_parallel.configure_launch(args)
-    except MoEConfigError as e:
-        sys.stderr.write(f"error: {e}\n")
-        raise SystemExit(1) from None
+    :func:`check_moe_args`, then the launch settings expert parallelism needs.
+
+    Raises :class:`MoEConfigError`; under fairseq's command-line tools the plugin's boundary
+    (:mod:`fairseq_adaptive_moe.errors`) prints it as one ``error:`` line and exits with status 1.
+    """
+    check_moe_args(args)
+    distributed.configure_launch(args)

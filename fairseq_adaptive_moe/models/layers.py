@@ -5,7 +5,6 @@ layers. Each layer's ``forward`` returns its usual outputs plus the layer's ``Mo
 encoder and decoder collect those into ``encoder_out["moe_stats"]`` / ``extra["moe_stats"]``.
 """
 
-import sys
 from typing import Dict, List, Optional
 
 import torch
@@ -16,7 +15,7 @@ from fairseq.modules.transformer_layer import (
     TransformerEncoderLayerBase,
 )
 
-from .. import expert_parallel
+from .. import distributed
 from ..moe import ExpertFFN, MoELayer, MoEStats, TopKGate
 from .config import resolve_balance_tokens
 
@@ -32,7 +31,11 @@ def build_moe_layer(cfg, embed_dim: int, ffn_dim: int, name: str) -> MoELayer:
 
     With ``moe_expert_parallel_size`` P > 1 the layer holds only its rank's E/P experts (their
     global indices keep the initialisation of an unsharded layer) and exchanges tokens with the
-    other ranks of its expert-parallel group; see :mod:`fairseq_adaptive_moe.expert_parallel`."""
+    other ranks of its expert-parallel group; see :mod:`fairseq_adaptive_moe.distributed`. Its
+    expert parameters then carry the expert-parallel state that the fairseq patches read.
+
+    Raises :class:`~fairseq_adaptive_moe.errors.MoEConfigError` for options the layer cannot use
+    (e.g. a shard of a P > 1 model loaded in one process)."""
     gate = TopKGate(
         embed_dim, cfg.moe_expert_count, policy=cfg.moe_gating, threshold=cfg.moe_threshold,
         max_experts=cfg.moe_max_experts, eval_policy=cfg.moe_eval_gating,
@@ -40,18 +43,16 @@ def build_moe_layer(cfg, embed_dim: int, ffn_dim: int, name: str) -> MoELayer:
         combine_weights=cfg.moe_combine_weights,
     )
     activation_dropout = getattr(cfg, "activation_dropout", 0.0) or getattr(cfg, "relu_dropout", 0.0) or 0.0
-    try:
-        ep = expert_parallel.setup(expert_parallel.parallel_size(cfg))
-    except expert_parallel.ExpertParallelError as e:  # e.g. a shard given to fairseq-generate
-        sys.stderr.write(f"error: {e}\n")
-        raise SystemExit(1) from None
+    ep = distributed.setup(distributed.parallel_size(cfg))  # e.g. a shard given to fairseq-generate raises
+    if ep is not None:
+        distributed.install()  # the fairseq patches it needs (a no-op once the plugin registered)
     local = cfg.moe_expert_count if ep is None else cfg.moe_expert_count // ep.size
     experts = ExpertFFN(local, embed_dim, ffn_dim,
                         activation=str(getattr(cfg, "activation_fn", "relu")),
                         activation_dropout=activation_dropout,
                         first_expert=0 if ep is None else ep.rank * local)
     if ep is not None:
-        expert_parallel.shard_parameters(experts, ep)
+        distributed.shard_parameters(experts, ep)
     return MoELayer(gate, experts, name=name, balance_tokens=resolve_balance_tokens(cfg),
                     group=None if ep is None else ep.group)
 
@@ -70,16 +71,21 @@ class MoEFFNMixin:
         return None
 
     def moe_ffn_sublayer(self, x: Tensor, padding_mask: Optional[Tensor]):
-        """x: T x B x C, padding_mask: B x T (True = pad) -> (T x B x C, MoEStats)."""
+        """x: T x B x C, padding_mask: B x T (True = pad) -> (T x B x C, MoEStats).
+
+        The FFN sublayer of fairseq 0.12.3.1's ``TransformerEncoderLayerBase.forward`` and
+        ``TransformerDecoderLayerBase.forward`` (pinned in :mod:`.upstream`), with fc1/fc2 replaced
+        by the MoE layer (the lines marked ``# MoE:``)."""
         residual = x
         if self.normalize_before:
             x = self.final_layer_norm(x)
-        x, stats = self.moe(x, None if padding_mask is None else padding_mask.transpose(0, 1))
+        mask = None if padding_mask is None else padding_mask.transpose(0, 1)  # MoE: T x B
+        x, stats = self.moe(x, mask)  # MoE: fc1, activation, fc2 -> the MoE layer
         x = self.dropout_module(x)
         x = self.residual_connection(x, residual)
         if not self.normalize_before:
             x = self.final_layer_norm(x)
-        return x, stats
+        return x, stats  # MoE:
 
 
 class MoETransformerEncoderLayer(MoEFFNMixin, TransformerEncoderLayerBase):
@@ -89,21 +95,43 @@ class MoETransformerEncoderLayer(MoEFFNMixin, TransformerEncoderLayerBase):
         super().__init__(cfg)
         self.moe = build_moe_layer(cfg, self.embed_dim, cfg.encoder.ffn_embed_dim, name)
 
-    def forward(self, x, encoder_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor] = None):
-        if attn_mask is not None:  # as fairseq: masked positions get a large negative score
+    def forward(
+        self,
+        x,
+        encoder_padding_mask: Optional[Tensor],
+        attn_mask: Optional[Tensor] = None,
+    ):
+        """Copied from fairseq 0.12.3.1 (fairseq-fixed),
+        ``fairseq.modules.transformer_layer.TransformerEncoderLayerBase.forward``; lines ending in
+        ``# MoE:`` differ (pinned in :mod:`.upstream`). Returns ``(x, MoEStats)``."""
+        # anything in original attn_mask = 1, becomes -1e8
+        # anything in original attn_mask = 0, becomes 0
+        # Note that we cannot use -inf here, because at some edge cases,
+        # the attention weight (before softmax) for some padded element in query
+        # will become -inf, which results in NaN in model parameters
+        if attn_mask is not None:
             attn_mask = attn_mask.masked_fill(
                 attn_mask.to(torch.bool), -1e8 if x.dtype == torch.float32 else -1e4
             )
+
         residual = x
         if self.normalize_before:
             x = self.self_attn_layer_norm(x)
-        x, _ = self.self_attn(query=x, key=x, value=x, key_padding_mask=encoder_padding_mask,
-                              need_weights=False, attn_mask=attn_mask)
+        x, _ = self.self_attn(
+            query=x,
+            key=x,
+            value=x,
+            key_padding_mask=encoder_padding_mask,
+            need_weights=False,
+            attn_mask=attn_mask,
+        )
         x = self.dropout_module(x)
         x = self.residual_connection(x, residual)
         if not self.normalize_before:
             x = self.self_attn_layer_norm(x)
-        return self.moe_ffn_sublayer(x, encoder_padding_mask)
+
+        # MoE: fairseq's FFN sublayer (fc1, fc2, --return-fc) is the MoE layer here
+        return self.moe_ffn_sublayer(x, encoder_padding_mask)  # MoE:
 
 
 class MoETransformerDecoderLayer(MoEFFNMixin, TransformerDecoderLayerBase):
@@ -126,26 +154,43 @@ class MoETransformerDecoderLayer(MoEFFNMixin, TransformerDecoderLayerBase):
     def forward(
         self,
         x,
-        encoder_out: Optional[Tensor] = None,
-        encoder_padding_mask: Optional[Tensor] = None,
+        encoder_out: Optional[torch.Tensor] = None,
+        encoder_padding_mask: Optional[torch.Tensor] = None,
         incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
-        prev_self_attn_state: Optional[List[Tensor]] = None,
-        prev_attn_state: Optional[List[Tensor]] = None,
-        self_attn_mask: Optional[Tensor] = None,
-        self_attn_padding_mask: Optional[Tensor] = None,
+        prev_self_attn_state: Optional[List[torch.Tensor]] = None,
+        prev_attn_state: Optional[List[torch.Tensor]] = None,
+        self_attn_mask: Optional[torch.Tensor] = None,
+        self_attn_padding_mask: Optional[torch.Tensor] = None,
         need_attn: bool = False,
         need_head_weights: bool = False,
     ):
+        """Copied from fairseq 0.12.3.1 (fairseq-fixed),
+        ``fairseq.modules.transformer_layer.TransformerDecoderLayerBase.forward``; lines ending in
+        ``# MoE:`` differ (pinned in :mod:`.upstream`). Returns ``(x, attn, self_attn_state,
+        MoEStats)``."""
         if need_head_weights:
             need_attn = True
+
         residual = x
         if self.normalize_before:
             x = self.self_attn_layer_norm(x)
         if prev_self_attn_state is not None:
-            self.self_attn._set_input_buffer(incremental_state, _saved_state(prev_self_attn_state))
-        x, attn = self.self_attn(query=x, key=x, value=x, key_padding_mask=self_attn_padding_mask,
-                                 incremental_state=incremental_state, need_weights=False,
-                                 attn_mask=self_attn_mask)
+            saved_state = _saved_state(prev_self_attn_state)  # MoE: one helper for both states
+            assert incremental_state is not None
+            self.self_attn._set_input_buffer(incremental_state, saved_state)
+        # MoE: the --cross-self-attention block is removed (refused in __init__)
+        y = x  # MoE:
+
+        x, attn = self.self_attn(
+            query=x,
+            key=y,
+            value=y,
+            key_padding_mask=self_attn_padding_mask,
+            incremental_state=incremental_state,
+            need_weights=False,
+            attn_mask=self_attn_mask,
+        )
+        # MoE: the --scale-heads and --scale-attn lines are removed (refused in __init__)
         x = self.dropout_module(x)
         x = self.residual_connection(x, residual)
         if not self.normalize_before:
@@ -156,10 +201,17 @@ class MoETransformerDecoderLayer(MoEFFNMixin, TransformerDecoderLayerBase):
             if self.normalize_before:
                 x = self.encoder_attn_layer_norm(x)
             if prev_attn_state is not None:
-                self.encoder_attn._set_input_buffer(incremental_state, _saved_state(prev_attn_state))
+                saved_state = _saved_state(prev_attn_state)  # MoE: one helper for both states
+                assert incremental_state is not None
+                self.encoder_attn._set_input_buffer(incremental_state, saved_state)
+
             x, attn = self.encoder_attn(
-                query=x, key=encoder_out, value=encoder_out, key_padding_mask=encoder_padding_mask,
-                incremental_state=incremental_state, static_kv=True,
+                query=x,
+                key=encoder_out,
+                value=encoder_out,
+                key_padding_mask=encoder_padding_mask,
+                incremental_state=incremental_state,
+                static_kv=True,
                 need_weights=need_attn or (not self.training and self.need_attn),
                 need_head_weights=need_head_weights,
             )
@@ -168,15 +220,30 @@ class MoETransformerDecoderLayer(MoEFFNMixin, TransformerDecoderLayerBase):
             if not self.normalize_before:
                 x = self.encoder_attn_layer_norm(x)
 
-        # incremental decoding feeds one position at a time: the mask's last column is it
-        padding = self_attn_padding_mask
-        if padding is not None and padding.size(1) != x.size(0):
-            padding = padding[:, -x.size(0):]
-        x, stats = self.moe_ffn_sublayer(x, padding)
-        return x, attn, None, stats
+        # MoE: fairseq's FFN sublayer (fc1, fc2, --scale-fc, --scale-resids) is the MoE layer here
+        # MoE: incremental decoding feeds one position at a time: the mask's last column is it
+        padding = self_attn_padding_mask  # MoE:
+        if padding is not None and padding.size(1) != x.size(0):  # MoE:
+            padding = padding[:, -x.size(0):]  # MoE:
+        x, stats = self.moe_ffn_sublayer(x, padding)  # MoE:
+        if self.onnx_trace and incremental_state is not None:
+            saved_state = self.self_attn._get_input_buffer(incremental_state)
+            assert saved_state is not None
+            if self_attn_padding_mask is not None:
+                self_attn_state = [
+                    saved_state["prev_key"],
+                    saved_state["prev_value"],
+                    saved_state["prev_key_padding_mask"],
+                ]
+            else:
+                self_attn_state = [saved_state["prev_key"], saved_state["prev_value"]]
+            return x, attn, self_attn_state, stats  # MoE:
+        return x, attn, None, stats  # MoE:
 
 
 def _saved_state(state: List[Tensor]) -> Dict[str, Optional[Tensor]]:
+    """The attention input buffer of ``prev_self_attn_state`` / ``prev_attn_state``, built as
+    fairseq's decoder layer does for each (one helper for both)."""
     saved: Dict[str, Optional[Tensor]] = {"prev_key": state[0], "prev_value": state[1]}
     if len(state) >= 3:
         saved["prev_key_padding_mask"] = state[2]

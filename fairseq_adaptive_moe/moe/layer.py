@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 import torch.nn as nn
 from torch import Tensor
 
+from ..errors import MoEConfigError
 from . import dispatch
 from .experts import ExpertFFN, autocast_off
 from .losses import BALANCE_TOKENS, balance_loss, z_loss
@@ -98,7 +99,7 @@ class TopKGate(nn.Module):
                 f"max_experts={self.max_experts}, capacity_factor={self.capacity_factor}")
 
 
-class GateConfigError(ValueError):
+class GateConfigError(MoEConfigError):
     """A bad gate option; ``option`` is the constructor argument's name."""
 
     def __init__(self, option: str, message: str):

@@ -127,7 +127,7 @@ def route(
         used = torch.ones_like(top_p, dtype=torch.bool)
     used = used & token_mask.unsqueeze(-1)
     if capacity is not None:
-        used = used & (_position_in_expert(top_i, used, num_experts) < capacity)
+        used = used & (position_in_expert(top_i, used, num_experts) < capacity)
 
     weight = torch.where(used, top_p, torch.zeros_like(top_p))
     if combine_weights == "renormalized":
@@ -135,8 +135,15 @@ def route(
     return RoutingDecision(top_i, used, weight, probs, logits, token_mask)
 
 
-def _position_in_expert(expert_index: Tensor, used: Tensor, num_experts: int) -> Tensor:
-    """(S, K) long: each used slot's arrival position at its expert, ranks taken in order."""
+def position_in_expert(expert_index: Tensor, used: Tensor, num_experts: int) -> Tensor:
+    """(S, K) long: each used slot's arrival position at its expert (0-based).
+
+    GShard's priority order: all first choices (K = 0) arrive before any second choice, and
+    within a rank tokens arrive in order. A capacity limit keeps the slots whose position is
+    below it (``route``), and a padded dispatch puts slot (s, k) in column ``position[s, k]`` of
+    its expert's buffer. Unused slots do not count; their own entries are meaningless (mask
+    them with ``used``).
+    """
     rank_major = expert_index.t().reshape(-1)  # (K*S): all first choices, then all second ...
     one_hot = F.one_hot(rank_major, num_experts) * used.t().reshape(-1, 1)
     position = (one_hot.cumsum(0) - 1).gather(1, rank_major.unsqueeze(1)).squeeze(1)

@@ -22,7 +22,6 @@ Also serves BART summarization fine-tuning, which uses the translation task.
 
 import argparse
 import logging
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +42,7 @@ from ..data.curriculum import (
     curriculum_order,
     shuffle_in_buckets,
 )
+from ..errors import MoEConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class MoECurriculumConfig(FairseqDataclass):
         for name in ("moe_curriculum_start_epoch", "moe_curriculum_bucket_steps"):
             value = getattr(self, name)
             if isinstance(value, int) and value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+                raise MoEConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
 @dataclass
@@ -119,10 +119,8 @@ class AdaptiveMoETranslationTask(TranslationTask):
     @classmethod
     def setup_task(cls, cfg, **kwargs):
         if cfg.moe_curriculum and len(utils.split_paths(cfg.data)) > 1:
-            sys.stderr.write("error: --moe-curriculum keys statistics by sample id and needs one "
-                             "training data directory, got sharded data "
-                             f"{cfg.data!r}\n")
-            raise SystemExit(1)
+            raise MoEConfigError("--moe-curriculum keys statistics by sample id and needs one "
+                                 f"training data directory, got sharded data {cfg.data!r}")
         return super().setup_task(cfg, **kwargs)
 
     def __init__(self, cfg, src_dict, tgt_dict):

@@ -1,4 +1,4 @@
-"""``adaptive-moe-bench``: the paper's Table 1, measured for several MoE implementations at once.
+"""The layer bench: the paper's Table 1, measured for several MoE implementations at once.
 
 Li et al. (EMNLP 2023), Table 1: the time of one MoE layer (forward+backward) when a fraction f of
 the tokens takes a single expert and the rest take two, relative to top-2 (f = 0). Adaptive gating
@@ -25,18 +25,23 @@ with balanced expert loads. Every implementation times the same decision for the
 Forward is timed in training mode (autograd records the graph); fwd+bwd adds ``backward`` with a
 fixed output gradient. Repeats run round-robin over the fractions, so background load hits every
 fraction alike; the median is reported.
+
+This is the library behind ``adaptive-moe-bench`` (:mod:`fairseq_adaptive_moe.cli.bench`); from
+Python::
+
+    device = torch.device("cpu")
+    cfg = make_config("cpu", quick=True, implementations=["ours", "loop"])
+    run = run_bench(cfg, device, describe_run(cfg, device))
+    print(format_table(run.records))
 """
 
-import argparse
 import contextlib
 import copy
 import json
 import logging
 import platform
 import random
-import shlex
 import statistics
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -48,8 +53,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..moe import ExpertFFN, MoELayer, RoutingDecision, TopKGate, route
+from ..moe.reference import loop_moe
+from ..moe.routing import position_in_expert
 
-PROG = "adaptive-moe-bench"
 IMPLEMENTATIONS = ("ours", "ours_trimmed", "ours_compiled", "ours_graphed", "loop", "padded_einsum",
                    "fairscale", "dense")
 STATIC_VARIANTS = ("ours_compiled", "ours_graphed")
@@ -162,43 +168,17 @@ def live_gate(x: Tensor, gate_weight: Tensor, decision: RoutingDecision) -> Rout
     return replace(decision, weight=weight, probs=probs, logits=logits)
 
 
-def loop_moe(x: Tensor, decision: RoutingDecision, experts: ExpertFFN) -> Tensor:
-    """Naive per-expert loop: group sizes on the host, one pair of matmuls per expert."""
-    num_tokens, k = decision.used.shape
-    num_experts = experts.num_experts
-    keyed = torch.where(decision.used, decision.expert_index, num_experts).reshape(-1)
-    order = torch.argsort(keyed, stable=True)
-    sizes = torch.bincount(keyed, minlength=num_experts + 1).tolist()
-    weight = decision.weight.reshape(-1)
-    out = x.new_zeros(x.shape)
-    act = experts.activation_fn
-    params = zip(experts.fc1_weight.unbind(0), experts.fc1_bias.unbind(0),
-                 experts.fc2_weight.unbind(0), experts.fc2_bias.unbind(0))
-    start = 0
-    for e, (w1, b1, w2, b2) in enumerate(params):
-        n = sizes[e]
-        if n:
-            slots = order[start:start + n]
-            tok = slots // k
-            y = act(x.index_select(0, tok) @ w1 + b1) @ w2 + b2
-            out.index_add_(0, tok, y * weight[slots].to(y.dtype).unsqueeze(-1))
-        start += n
-    return out
-
-
 def padded_einsum_moe(x: Tensor, decision: RoutingDecision, experts: ExpertFFN) -> Tensor:
     """GShard-style dispatch with capacity C = max expert load (no token dropped).
 
     Legend: (s)equence tokens, (e)xpert, (c)apacity slot, (m)odel dim, (f)fn dim, (k) rank.
     """
-    num_tokens, k = decision.used.shape
+    num_tokens = decision.used.shape[0]
     num_experts = experts.num_experts
     used, index = decision.used, decision.expert_index
-    # Arrival position of each slot at its expert, all first choices before second choices.
-    rank_major = index.t().reshape(-1)  # (k*s)
-    one_hot = F.one_hot(rank_major, num_experts) * used.t().reshape(-1, 1)
-    position = (one_hot.cumsum(0) - 1).gather(1, rank_major.unsqueeze(1)).view(k, num_tokens).t()
-    capacity = max(int(one_hot.sum(0).max()), 1)  # host sync, as any padded implementation
+    # Each slot's column in its expert's buffer: its arrival position, first choices first.
+    position = position_in_expert(index, used, num_experts)  # (s, k)
+    capacity = max(int(expert_loads(decision).max()), 1)  # host sync, as any padded implementation
     column = index * capacity + position.clamp_min(0)  # (s, k) flat (e, c)
     dtype = x.dtype
     dispatch = x.new_zeros(num_tokens, num_experts * capacity).scatter_add_(
@@ -310,67 +290,31 @@ def time_cases(cases: Dict[float, Case], warmup: int, repeats: int) -> Dict[floa
 
 # ---- the run -----------------------------------------------------------------------------------
 
-class BadFlag(Exception):
-    pass
+class BadFlag(ValueError):
+    """A bad bench option; the message names the command-line flag."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line on stderr, exit status 2 (handled in main)
-        raise BadFlag(message)
+def make_config(device: str = "cpu", quick: bool = False, *,
+                fractions: Optional[Sequence[float]] = None, tokens: Optional[Sequence[int]] = None,
+                experts: Optional[int] = None, dim: Optional[int] = None, ffn: Optional[int] = None,
+                dtype: Optional[str] = None, warmup: Optional[int] = None,
+                repeats: Optional[int] = None, implementations=None,
+                cpu_block_mib: int = ExpertFFN.cpu_block_bytes >> 20, seed: int = 0) -> dict:
+    """The checked run configuration (the flags of ``adaptive-moe-bench``, by the same names).
 
-
-def _int_list(text: str) -> List[int]:
-    return [int(v) for v in text.replace(",", " ").split()]
-
-
-def _float_list(text: str) -> List[float]:
-    return [float(v) for v in text.replace(",", " ").split()]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog=PROG,
-        description="Time one MoE layer at exact fractions of single-expert tokens, relative to "
-                    "top-2, for several implementations (the paper's Table 1, side by side).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cpu: fp32 at a small shape (~1 min on 2 cores); cuda: bf16 at the paper's "
-                        "shape (16 experts, d 1024, ffn 4096) with 4k, 16k and 64k tokens")
-    p.add_argument("--quick", action="store_true",
-                   help="a tiny shape with 1 repeat, for tests (seconds)")
-    p.add_argument("--fractions", type=_float_list, default=None,
-                   help="single-expert token fractions in [0, 1], comma-separated "
-                        f"(default {','.join(map(str, DEFAULT_FRACTIONS))}; 0 = top-2 is always added)")
-    p.add_argument("--tokens", type=_int_list, default=None,
-                   help="token counts S per layer call, comma-separated (default: by device)")
-    p.add_argument("--experts", type=int, default=None, help="number of experts E (default: by device)")
-    p.add_argument("--dim", type=int, default=None, help="model dim d (default: by device)")
-    p.add_argument("--ffn", type=int, default=None, help="expert FFN dim (default: by device)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="parameter and activation dtype (default: float32 on cpu, bfloat16 on cuda)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed iterations per case")
-    p.add_argument("--repeats", type=int, default=None, help="timed iterations per case (median)")
-    p.add_argument("--implementations", default=None,
-                   help="comma-separated subset of " + ",".join(IMPLEMENTATIONS) + " (default: all; "
-                        "ours_trimmed only on cuda, since on cpu ours already trims its rows)")
-    p.add_argument("--cpu-block-mib", type=int, default=ExpertFFN.cpu_block_bytes >> 20,
-                   help="on CPU, compute the experts in row blocks of at most this many MiB of "
-                        "FFN activations (0: one block)")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights, inputs and routes")
-    p.add_argument("--out", default="bench-out", help="directory for bench.json and bench.png")
-    return p
-
-
-def resolve_config(args) -> dict:
-    """Preset (quick / cuda / cpu) overridden by explicit flags; raises BadFlag."""
-    if args.device == "cuda" and not torch.cuda.is_available():
+    The ``device`` preset (``quick``: a tiny one) in :data:`PRESETS`, overridden by every option
+    that is not None. ``implementations``: names, or one string of comma-separated names (default:
+    all, but ``ours_trimmed`` only on cuda). Fraction 0 (top-2) is always added. Raises
+    :class:`BadFlag` naming the flag.
+    """
+    if device == "cuda" and not torch.cuda.is_available():
         raise BadFlag("--device cuda: no CUDA device is available")
-    preset = dict(PRESETS["quick" if args.quick else args.device])
-    if args.device == "cuda" and args.quick:
+    preset = dict(PRESETS["quick" if quick else device])
+    if device == "cuda" and quick:
         preset["dtype"] = "bfloat16"
-    for key in ("experts", "dim", "ffn", "tokens", "dtype", "warmup", "repeats"):
-        if getattr(args, key) is not None:
-            preset[key] = getattr(args, key)
+    given = dict(experts=experts, dim=dim, ffn=ffn, tokens=tokens, dtype=dtype, warmup=warmup,
+                 repeats=repeats)
+    preset.update({key: value for key, value in given.items() if value is not None})
     for key in ("experts", "dim", "ffn", "repeats"):
         if preset[key] <= 0:
             raise BadFlag(f"--{key} must be positive, got {preset[key]}")
@@ -380,26 +324,33 @@ def resolve_config(args) -> dict:
         raise BadFlag(f"--experts must be >= 2 (top-2 routing), got {preset['experts']}")
     if not preset["tokens"] or any(s <= 0 for s in preset["tokens"]):
         raise BadFlag(f"--tokens must be positive, got {preset['tokens']}")
-    fractions = list(DEFAULT_FRACTIONS if args.fractions is None else args.fractions)
+    fractions = list(DEFAULT_FRACTIONS if fractions is None else fractions)
     bad = [f for f in fractions if not 0.0 <= f <= 1.0]  # also NaN
     if bad or not fractions:
         raise BadFlag(f"--fractions must lie in [0, 1], got {bad or fractions}")
     preset["fractions"] = sorted(set(fractions) | {0.0})
-    if args.cpu_block_mib < 0:
-        raise BadFlag(f"--cpu-block-mib must be >= 0, got {args.cpu_block_mib}")
-    preset["cpu_block_bytes"] = args.cpu_block_mib << 20
-    if args.implementations is None:
-        impls = [v for v in IMPLEMENTATIONS if not (v == "ours_trimmed" and args.device == "cpu")]
+    if cpu_block_mib < 0:
+        raise BadFlag(f"--cpu-block-mib must be >= 0, got {cpu_block_mib}")
+    preset["cpu_block_bytes"] = cpu_block_mib << 20
+    if implementations is None:
+        impls = [v for v in IMPLEMENTATIONS if not (v == "ours_trimmed" and device == "cpu")]
+    elif isinstance(implementations, str):
+        impls = implementations.replace(",", " ").split()
     else:
-        impls = args.implementations.replace(",", " ").split()
+        impls = list(implementations)
     unknown = [v for v in impls if v not in IMPLEMENTATIONS]
     if unknown or not impls:
         raise BadFlag(f"--implementations: unknown {unknown or impls}; expected {IMPLEMENTATIONS}")
     preset["implementations"] = [v for v in IMPLEMENTATIONS if v in impls]
+    preset["notes"] = (["ours_trimmed not timed: on CPU, ours already cuts its rows to the used slots"]
+                       if implementations is None and device == "cpu" else [])
+    preset["device"] = device
+    preset["seed"] = seed
     return preset
 
 
 def machine_name(device: torch.device) -> str:
+    """The GPU's name, else the CPU model."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = ""
@@ -413,6 +364,7 @@ def machine_name(device: torch.device) -> str:
 
 
 def free_memory_bytes(device: torch.device) -> int:
+    """Free memory of the GPU, else the host's available memory (a huge number if unknown)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
@@ -443,6 +395,8 @@ def world_of_one(device: torch.device):
 
 
 def build_fairscale(dim, ffn, num_experts, dtype, device):
+    """``(fn, params)`` for fairscale's ``MOELayer`` + ``Top2Gate`` with as many experts, run
+    under autocast for half dtypes; call it inside :func:`world_of_one`."""
     from fairscale.nn.moe import MOELayer, Top2Gate
 
     experts = nn.ModuleList(nn.Sequential(nn.Linear(dim, ffn), nn.ReLU(), nn.Linear(ffn, dim))
@@ -641,6 +595,7 @@ def run_tokens(cfg: dict, num_tokens: int, device: torch.device, notes: List[str
 
 
 def make_records(impl, num_tokens, cases, samples, dim, ffn) -> List[dict]:
+    """One record per fraction: median times, ratios to f = 0, TFLOP/s of the useful rows."""
     out = []
     base = samples.get(0.0)
     base_fwd = statistics.median(base["fwd"]) if base else None
@@ -670,6 +625,7 @@ def _fmt(value, spec) -> str:
 
 
 def format_table(records: List[dict]) -> str:
+    """The records as the text table ``adaptive-moe-bench`` prints."""
     head = (f"{'impl':<14}{'tokens':>7}{'f':>6}{'fwd ms':>10}{'fwd+bwd ms':>12}{'fwd/top2':>10}"
             f"{'f+b/top2':>10}{'compute':>9}{'paper':>7}{'fwd TF/s':>10}{'f+b TF/s':>10}")
     lines = [head, "-" * len(head)]
@@ -688,6 +644,8 @@ def format_table(records: List[dict]) -> str:
 
 
 def plot(records: List[dict], meta: dict, path: Path) -> None:
+    """bench.png: fwd+bwd time relative to top-2 against f (with the paper's Table 1 and the
+    compute ratio), and the absolute times. Raises ImportError without matplotlib."""
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq sets the root to DEBUG
     import matplotlib
 
@@ -733,92 +691,91 @@ def plot(records: List[dict], meta: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser().parse_args(argv)
-        cfg = resolve_config(args)
-    except BadFlag as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
-    cfg["seed"] = args.seed
-    device = torch.device(args.device)
-    meta = dict(
-        command=shlex.join([PROG] + argv), machine=machine_name(device), device=args.device,
+# ---- a whole run -------------------------------------------------------------------------------
+
+def describe_run(cfg: dict, device: torch.device, command: str = "") -> dict:
+    """The ``meta`` block of bench.json: the command, machine, software and configuration."""
+    return dict(
+        command=command, machine=machine_name(device), device=cfg["device"],
         torch=torch.__version__, python=platform.python_version(),
         cpu_threads=torch.get_num_threads(), dtype=cfg["dtype"], experts=cfg["experts"],
         dim=cfg["dim"], ffn=cfg["ffn"], tokens=cfg["tokens"], fractions=cfg["fractions"],
         warmup=cfg["warmup"], repeats=cfg["repeats"], implementations=cfg["implementations"],
-        cpu_block_mib=args.cpu_block_mib, seed=cfg["seed"], threshold=THRESHOLD,
+        cpu_block_mib=cfg["cpu_block_bytes"] >> 20, seed=cfg["seed"], threshold=THRESHOLD,
         paper_table1=PAPER_TABLE1,
         timing="median; forward with autograd recording; fwd+bwd = forward + backward(grad)",
         started=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
-    print(f"command: {meta['command']}")
-    print(f"machine: {meta['machine']} ({args.device}); torch {meta['torch']}; "
-          f"CPU threads {meta['cpu_threads']}; python {meta['python']}")
-    print(f"shape: {cfg['experts']} experts, d {cfg['dim']}, ffn {cfg['ffn']}, dtype {cfg['dtype']}, "
-          f"tokens {cfg['tokens']}; warmup {cfg['warmup']}, repeats {cfg['repeats']} (median)")
-    sys.stdout.flush()
 
-    notes: List[str] = []
-    if args.implementations is None and args.device == "cpu":
-        notes.append("ours_trimmed not timed: on CPU, ours already cuts its rows to the used slots")
-    checks: List[dict] = []
-    records: List[dict] = []
-    out = Path(args.out)
 
-    def write_json(done: List[int]) -> None:
-        """bench.json after each token count, so that a run stopped by a time limit (a device
-        lease) keeps what it measured; ``meta["tokens_done"]`` says which counts it holds."""
-        meta["tokens_done"] = done
+@dataclass
+class BenchRun:
+    """What a run measured: the contents of bench.json."""
+
+    meta: dict
+    records: List[dict]
+    checks: List[dict]  # the correctness checks against the fp32 loop, one per impl, tokens, f
+    notes: List[str]
+
+    def write_json(self, out: Path, done: Optional[List[int]] = None) -> Path:
+        """``out/bench.json`` (written to a temporary file, then renamed); ``meta["tokens_done"]``
+        names the token counts it holds (default: all of the configuration's)."""
+        self.meta["tokens_done"] = list(self.meta["tokens"]) if done is None else done
+        out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / "bench.json.tmp"
         with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(dict(meta=meta, records=records, checks=checks, notes=notes), fh, indent=1)
+            json.dump(dict(meta=self.meta, records=self.records, checks=self.checks,
+                           notes=self.notes), fh, indent=1)
         tmp.replace(out / "bench.json")
+        return out / "bench.json"
 
+
+def run_bench(cfg: dict, device: torch.device, meta: dict, out: Optional[Path] = None) -> BenchRun:
+    """Every token count of ``cfg`` (see :func:`make_config`), in order.
+
+    With ``out``, bench.json is written after each token count but the last, so that a run
+    stopped by a time limit keeps what it measured; the caller writes the final one
+    (:meth:`BenchRun.write_json`). Raises AssertionError when a fast path differs from the
+    loop reference (nothing of that token count is timed).
+    """
+    run = BenchRun(meta, [], [], list(cfg.get("notes", [])))
     t0 = time.perf_counter()
-    try:
-        for i, num_tokens in enumerate(cfg["tokens"]):
-            records += run_tokens(cfg, num_tokens, device, notes, checks)
-            meta["wall_s"] = time.perf_counter() - t0
-            if i + 1 < len(cfg["tokens"]):
-                write_json(cfg["tokens"][:i + 1])
-    except AssertionError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 1
+    for i, num_tokens in enumerate(cfg["tokens"]):
+        run.records += run_tokens(cfg, num_tokens, device, run.notes, run.checks)
+        meta["wall_s"] = time.perf_counter() - t0
+        if out is not None and i + 1 < len(cfg["tokens"]):
+            run.write_json(out, cfg["tokens"][:i + 1])
     if "fairscale" in cfg["implementations"]:
-        notes.append("fairscale (Top2Gate, capacity 2S/E) routes top-2 only: timed at f=0; its "
-                     "fixed capacity means adaptive gating would save nothing there")
+        run.notes.append("fairscale (Top2Gate, capacity 2S/E) routes top-2 only: timed at f=0; its "
+                         "fixed capacity means adaptive gating would save nothing there")
+    return run
 
-    print()
-    print(format_table(records))
-    print()
-    print("compute = (2-f)/2; paper = Table 1 fwd+bwd / top-2 (A100); TF/s counts useful expert "
-          "FLOPs 2 * 2 * rows * d * ffn (x3 for fwd+bwd), rows = S * (2 - f)")
-    print(f"timing: median of {cfg['repeats']} after {cfg['warmup']} warm-up, round-robin over f; "
-          "fwd records the autograd graph (training mode); all but dense include the gate linear")
-    checked = sorted({c["impl"] for c in checks})
+
+def format_header(cfg: dict, meta: dict) -> str:
+    """The lines printed before a run: command, machine, shape."""
+    return "\n".join([
+        f"command: {meta['command']}",
+        f"machine: {meta['machine']} ({meta['device']}); torch {meta['torch']}; "
+        f"CPU threads {meta['cpu_threads']}; python {meta['python']}",
+        f"shape: {cfg['experts']} experts, d {cfg['dim']}, ffn {cfg['ffn']}, dtype {cfg['dtype']}, "
+        f"tokens {cfg['tokens']}; warmup {cfg['warmup']}, repeats {cfg['repeats']} (median)",
+    ])
+
+
+def format_report(cfg: dict, run: BenchRun) -> str:
+    """The table, how to read it, the correctness summary and the notes."""
+    lines = ["", format_table(run.records), "",
+             "compute = (2-f)/2; paper = Table 1 fwd+bwd / top-2 (A100); TF/s counts useful expert "
+             "FLOPs 2 * 2 * rows * d * ffn (x3 for fwd+bwd), rows = S * (2 - f)",
+             f"timing: median of {cfg['repeats']} after {cfg['warmup']} warm-up, round-robin over f; "
+             "fwd records the autograd graph (training mode); all but dense include the gate linear"]
+    checked = sorted({c["impl"] for c in run.checks})
     if checked:
-        worst = max(c["max_abs_diff"] for c in checks)
-        worst_rel = max(c["max_rel_err"] for c in checks)
-        print(f"correctness: {' and '.join(checked)} equal the per-expert loop run in fp32 "
-              f"(output and all gradients) at every f before timing (max abs diff {worst:.2e}, "
-              f"max relative error {worst_rel:.2e})")
-    for note in notes:
-        print(f"note: {note}")
-
-    write_json(cfg["tokens"])
-    wrote = [out / "bench.json"]
-    try:
-        plot(records, meta, out / "bench.png")
-        wrote.append(out / "bench.png")
-    except ImportError:  # e.g. a bare GPU host: the JSON and the table are the record
-        print("note: matplotlib is not installed: no bench.png")
-    print(f"wrote {' and '.join(map(str, wrote))} ({meta['wall_s']:.1f} s)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        worst = max(c["max_abs_diff"] for c in run.checks)
+        worst_rel = max(c["max_rel_err"] for c in run.checks)
+        lines.append(f"correctness: {' and '.join(checked)} equal the per-expert loop run in fp32 "
+                     f"(output and all gradients) at every f before timing (max abs diff "
+                     f"{worst:.2e}, max relative error {worst_rel:.2e})")
+    lines += [f"note: {note}" for note in run.notes]
+    return "\n".join(lines)

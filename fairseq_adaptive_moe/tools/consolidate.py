@@ -1,5 +1,8 @@
-"""``adaptive-moe-consolidate``: merge the per-rank shards of an expert-parallel checkpoint into
-one file, or re-shard them to another expert-parallel size.
+"""Consolidation: merge the per-rank shards of an expert-parallel checkpoint into one file, or
+re-shard them to another expert-parallel size.
+
+The library behind ``adaptive-moe-consolidate`` (:mod:`fairseq_adaptive_moe.cli.consolidate`);
+from Python: ``consolidate(shard_paths("checkpoints/checkpoint_last.pt"), "model.pt", 1)``.
 
 Training with ``--moe-expert-parallel-size P`` saves one file per shard, fairseq's checkpoint name
 plus ``-ep{r}`` (``checkpoint_last-ep0.pt`` ... ``-ep{P-1}.pt``). Each holds the shared
@@ -20,50 +23,23 @@ re-sharded run with ``--reset-optimizer``; resuming under the same P needs no co
 iterator position, number of updates) is copied from shard 0.
 """
 
-import argparse
 import copy
 import os
 import re
-import sys
-from typing import Dict, List, Optional, Sequence
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..expert_parallel import parallel_size, shard_suffix
+from ..distributed.expert_parallel import parallel_size, shard_suffix
 from ..moe.experts import EXPERT_PARAM_NAMES
 
-PROG = "adaptive-moe-consolidate"
 EXPERT_KEY = re.compile(r"(^|\.)experts\.(" + "|".join(EXPERT_PARAM_NAMES) + r")$")
 SHARD_NAME = re.compile(r"^(?P<base>.*)-ep(?P<rank>\d+)\.pt$")
 
 
 class ConsolidateError(Exception):
-    """Bad input: one line on stderr, exit status 2, nothing written."""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description="Merge the per-rank shards of an expert-parallel fairseq checkpoint "
-                    "(NAME-ep0.pt, NAME-ep1.pt, ...) into one file, or re-shard them.",
-        epilog="Example: adaptive-moe-consolidate checkpoints/checkpoint_last.pt --out "
-               "model.pt, then fairseq-generate DATA --user-dir fairseq_adaptive_moe --path "
-               "model.pt ...",
-    )
-    p.add_argument("checkpoint", metavar="CHECKPOINT",
-                   help="the checkpoint name fairseq-train was given or wrote (e.g. "
-                        "checkpoints/checkpoint_last.pt, whose shards are "
-                        "checkpoint_last-ep0.pt ...), or any one shard; a one-file checkpoint "
-                        "(P = 1) can be re-sharded too")
-    p.add_argument("--out", "-o", required=True,
-                   help="output name: the file itself for --expert-parallel-size 1; otherwise "
-                        "the name whose shards OUT-ep0.pt ... are written (pass OUT to "
-                        "fairseq-train --restore-file)")
-    p.add_argument("--expert-parallel-size", type=int, default=1, metavar="P",
-                   help="expert-parallel size of the output: 1 = one consolidated file "
-                        "(default: 1)")
-    p.add_argument("--force", action="store_true", help="overwrite existing output files")
-    return p
+    """Bad input (the message names the file or flag); raised before anything is written."""
 
 
 def shard_paths(path: str) -> List[str]:
@@ -103,6 +79,7 @@ def _set(model_cfg, name, value):
 
 
 def load_shards(paths: Sequence[str]) -> List[dict]:
+    """The shards' checkpoints, checked to be one expert-parallel MoE checkpoint of P shards."""
     states = []
     for path in paths:
         try:
@@ -141,19 +118,24 @@ def merge_models(models: Sequence[Dict[str, torch.Tensor]], paths: Sequence[str]
 
 
 def split_model(model: Dict[str, torch.Tensor], size: int) -> List[Dict[str, torch.Tensor]]:
+    """``size`` state dicts: expert tensors cut into equal consecutive chunks, the rest shared."""
     return [{k: (v.chunk(size, 0)[r].clone() if EXPERT_KEY.search(k) else v) for k, v in model.items()}
             for r in range(size)]
 
 
 def output_paths(out: str, size: int) -> List[str]:
+    """``[out]`` for one file, else the shard names ``OUT-ep0.pt`` ..."""
     if size == 1:
         return [out]
     stem = out[:-3] if out.endswith(".pt") else out
     return [f"{stem}{shard_suffix(r)}.pt" for r in range(size)]
 
 
-def consolidate(paths: Sequence[str], out: str, size: int, force: bool = False) -> List[str]:
-    """Merge ``paths`` (the shards, in rank order) and write ``size`` output shards."""
+def consolidate(paths: Sequence[str], out: str, size: int, force: bool = False,
+                warn: Optional[Callable[[str], None]] = None) -> List[str]:
+    """Merge ``paths`` (the shards, in rank order) and write ``size`` output shards; returns
+    their paths. ``warn`` receives the warning that the optimizer state is dropped (default:
+    :func:`warnings.warn`). Raises :class:`ConsolidateError` before writing anything."""
     if size < 1:
         raise ConsolidateError(f"--expert-parallel-size must be >= 1, got {size}")
     targets = output_paths(out, size)
@@ -170,8 +152,8 @@ def consolidate(paths: Sequence[str], out: str, size: int, force: bool = False) 
         raise ConsolidateError(f"--expert-parallel-size {size} must divide the expert count {experts}")
     merged = merge_models([s["model"] for s in states], paths)
     if states[0].get("last_optimizer_state") is not None:
-        print(f"{PROG}: warning: the optimizer state is not carried over (stored per shard by "
-              "parameter index); continue training with --reset-optimizer", file=sys.stderr)
+        (warn or warnings.warn)("the optimizer state is not carried over (stored per shard by "
+                                "parameter index); continue training with --reset-optimizer")
     for target, model in zip(targets, split_model(merged, size)):
         state = copy.copy(states[0])
         state["model"] = model
@@ -186,19 +168,3 @@ def consolidate(paths: Sequence[str], out: str, size: int, force: bool = False) 
         torch.save(state, tmp)
         os.replace(tmp, target)
     return targets
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        paths = shard_paths(args.checkpoint)
-        written = consolidate(paths, args.out, args.expert_parallel_size, args.force)
-    except ConsolidateError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    print(f"{PROG}: {len(paths)} shard(s) -> {len(written)} file(s): {', '.join(written)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

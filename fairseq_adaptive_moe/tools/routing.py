@@ -1,4 +1,9 @@
-"""``adaptive-moe-routing``: which tokens take two experts, layer by layer (paper §4.5, Figs. 1-2).
+"""Routing analysis: which tokens take two experts, layer by layer (paper §4.5, Figs. 1-2).
+
+The library behind ``adaptive-moe-routing`` (:mod:`fairseq_adaptive_moe.cli.routing`); from
+Python, :func:`analyse` does what the command does and returns the summary::
+
+    summary = analyse(RoutingOptions(data="data-bin", path="checkpoint_best.pt", out="report"))
 
 Runs a trained ``adaptive_moe_*`` checkpoint over one split of its data, teacher-forced, in eval
 mode and without gradients, and records every MoE layer's routing decision for every non-padding
@@ -25,10 +30,11 @@ Words: with ``--bpe-merge sentencepiece`` a piece starting with ``▁`` starts a
 after it continue it (``subword_nmt``: a piece ending in ``@@`` continues into the next). A word
 occurrence counts as two-expert in a layer when at least one of its pieces took 2+ experts there;
 ``--bpe-merge none`` reports the pieces themselves.
+
+Layer labels in the plots are the metric suffixes of the training log (``enc0``, ``dec1``: the
+criterion's :func:`~fairseq_adaptive_moe.criterions.moe_logging.short_name`).
 """
 
-import argparse
-import ast
 import json
 import logging
 import os
@@ -41,6 +47,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..criterions.moe_logging import short_name
+from ..models.dense_to_moe import moe_layers
+
 PROG = "adaptive-moe-routing"
 OUTPUT_FILES = ("summary.json", "tokens.jsonl", "two_expert_by_layer.png", "topk_profiles.png",
                 "expert_load.png", "report.md")
@@ -50,76 +59,49 @@ SIDES = ("encoder", "decoder")
 
 
 class InputError(Exception):
-    """Bad input (checkpoint, data, split, flags): one line on stderr, exit status 2."""
+    """Bad input (checkpoint, data, split, options); the message names it. Raised before
+    anything is written."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description="Per-token routing analysis of an adaptive MoE checkpoint: two-expert share "
-                    "per layer, expert load, the tokens that take two experts, per-token JSONL, "
-                    "plots and a markdown report.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("data", metavar="DATA",
-                   help="fairseq data-bin directory (dictionaries and binarized splits)")
-    p.add_argument("--path", required=True, help="adaptive_moe_* checkpoint (.pt)")
-    p.add_argument("--gen-subset", default="valid", help="the split to analyse")
-    p.add_argument("--out", required=True, help="output directory (created if missing)")
-    p.add_argument("--max-tokens", type=int, default=None,
-                   help="tokens per batch (4096 when neither this nor --max-sentences is given)")
-    p.add_argument("--max-sentences", "--batch-size", type=int, default=None, dest="max_sentences",
-                   help="sentences per batch")
-    p.add_argument("--moe-eval-gating", choices=("train", "top1", "top2", "adaptive"), default=None,
-                   help="gating for the analysis (a model override; default: the checkpoint's)")
-    p.add_argument("--model-overrides", default="{}",
-                   help="python dict of model options to override, as in fairseq-generate, e.g. "
-                        "\"{'moe_threshold': 0.05}\"")
-    p.add_argument("--sample-tokens", type=int, default=48,
-                   help="about how many tokens per side the top-k profile plot shows (whole "
-                        "sentences drawn at random with --seed)")
-    p.add_argument("--top-tokens", type=int, default=30,
-                   help="how many of the most frequent two-expert tokens to list per side")
-    p.add_argument("--bpe-merge", choices=("auto", "sentencepiece", "subword_nmt", "none"),
-                   default="auto",
-                   help="how pieces merge into words for the token lists ('none' lists pieces; "
-                        "'auto' picks sentencepiece or subword_nmt from the dictionary)")
-    p.add_argument("--seed", type=int, default=1, help="seed of the sentence sample")
-    p.add_argument("--cpu", action="store_true", help="run on the CPU even if CUDA is available")
-    p.add_argument("--no-progress-bar", action="store_true", help="no progress bar")
-    return p
+@dataclass
+class RoutingOptions:
+    """One analysis (the flags of ``adaptive-moe-routing``, by the same names)."""
+
+    data: str  # fairseq data-bin directory (dictionaries and binarized splits)
+    path: str  # adaptive_moe_* checkpoint
+    out: str  # output directory (created if missing)
+    gen_subset: str = "valid"  # the split to analyse
+    max_tokens: Optional[int] = None  # tokens per batch (4096 when neither this nor max_sentences)
+    max_sentences: Optional[int] = None  # sentences per batch
+    sample_tokens: int = 48  # about how many tokens per side the top-k profile plot shows
+    top_tokens: int = 30  # how many of the most frequent two-expert tokens to list per side
+    bpe_merge: str = "auto"  # sentencepiece, subword_nmt, none, or auto (from the dictionary)
+    seed: int = 1  # seed of the sentence sample
+    cpu: bool = False  # run on the CPU even if CUDA is available
+    no_progress_bar: bool = False
 
 
-def check_flags(args) -> dict:
-    """The model overrides, or InputError naming the bad flag."""
-    try:
-        overrides = ast.literal_eval(args.model_overrides)
-    except (ValueError, SyntaxError):
-        overrides = None
-    if not isinstance(overrides, dict):
-        raise InputError(f"--model-overrides must be a python dict literal, got "
-                         f"{args.model_overrides!r}")
+BPE_MERGES = ("auto", "sentencepiece", "subword_nmt", "none")
+
+
+def check_options(options: RoutingOptions) -> None:
+    """Raise :class:`InputError` naming the first bad option (by its flag)."""
     for flag in ("max_tokens", "max_sentences"):
-        value = getattr(args, flag)
+        value = getattr(options, flag)
         if value is not None and value < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    if args.sample_tokens < 1 or args.top_tokens < 1:
+    if options.sample_tokens < 1 or options.top_tokens < 1:
         raise InputError("--sample-tokens and --top-tokens must be >= 1")
-    if args.moe_eval_gating is not None:
-        overrides["moe_eval_gating"] = args.moe_eval_gating
-    return overrides
+    if options.bpe_merge not in BPE_MERGES:
+        raise InputError(f"--bpe-merge must be one of {BPE_MERGES}, got {options.bpe_merge!r}")
 
 
 # ---- loading -----------------------------------------------------------------------------------
 
-def moe_layers(model) -> list:
-    from ..moe import MoELayer
-
-    return [m for m in model.modules() if isinstance(m, MoELayer)]
-
-
-def load(args, overrides: dict):
-    """(model, task, cfg, dataset): the checkpoint with ``DATA`` as its data path, and the split.
+def load(path: str, data: str, split: str, overrides: Optional[dict] = None):
+    """(model, task, cfg, dataset): the checkpoint at ``path`` with ``data`` as its data path
+    (``overrides``: model options to override, as fairseq-generate's ``--model-overrides``), and
+    the split ``split``.
 
     Raises InputError for a missing or unloadable checkpoint, a model without MoE layers, or an
     unknown split. Nothing is written before this returns.
@@ -127,28 +109,29 @@ def load(args, overrides: dict):
     import fairseq_adaptive_moe  # noqa: F401  (registers the models; lets torch >= 2.6 load)
     from fairseq import checkpoint_utils
 
-    if not os.path.isfile(args.path):
-        raise InputError(f"checkpoint not found: {args.path}")
-    if not os.path.isdir(args.data):
-        raise InputError(f"data directory not found: {args.data}")
+    from ..errors import AdaptiveMoEError
+
+    if not os.path.isfile(path):
+        raise InputError(f"checkpoint not found: {path}")
+    if not os.path.isdir(data):
+        raise InputError(f"data directory not found: {data}")
     try:
         models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
-            [args.path], arg_overrides={**overrides, "data": args.data})
-    except SystemExit as e:  # the architecture's MoE check already printed its one line
-        raise InputError("") from e
+            [path], arg_overrides={**(overrides or {}), "data": data})
+    except AdaptiveMoEError as e:  # a bad --model-overrides value: the MoE check names the flag
+        raise InputError(str(e)) from None
     except Exception as e:  # noqa: BLE001  (torch, fairseq and omegaconf raise many kinds)
-        raise InputError(f"cannot load {args.path}: {_first_line(e)}") from None
+        raise InputError(f"cannot load {path}: {_first_line(e)}") from None
     model = models[0]
     if not moe_layers(model):
         arch = getattr(cfg.model, "arch", None) or getattr(cfg.model, "_name", "?")
-        raise InputError(f"{args.path} has no MoE layers (arch {arch}); {PROG} needs an "
+        raise InputError(f"{path} has no MoE layers (arch {arch}); {PROG} needs an "
                          "adaptive_moe_* checkpoint")
     try:
-        task.load_dataset(args.gen_subset)
+        task.load_dataset(split)
     except Exception as e:  # noqa: BLE001  (fairseq raises FileNotFoundError or others)
-        raise InputError(f"split {args.gen_subset!r} not found in {args.data}: "
-                         f"{_first_line(e)}") from None
-    return model, task, cfg, task.dataset(args.gen_subset)
+        raise InputError(f"split {split!r} not found in {data}: {_first_line(e)}") from None
+    return model, task, cfg, task.dataset(split)
 
 
 def _first_line(err: BaseException) -> str:
@@ -172,6 +155,7 @@ def batch_iterator(task, model, dataset, max_tokens: Optional[int], max_sentence
 # ---- words -------------------------------------------------------------------------------------
 
 def detect_bpe(dictionary) -> str:
+    """How the dictionary's pieces join into words: sentencepiece, subword_nmt or none."""
     symbols = dictionary.symbols
     if any(s.startswith("\u2581") for s in symbols):
         return "sentencepiece"
@@ -403,30 +387,32 @@ def sample_sentences(dataset, budget: int, seed: int) -> List[int]:
     return chosen
 
 
-def run(model, task, dataset, args, out_dir: Optional[Path]) -> Tuple[Collector, dict]:
-    """Forward passes over the split; returns the collector and the gating actually used."""
+def run(model, task, dataset, options: RoutingOptions,
+        out_dir: Optional[Path]) -> Tuple[Collector, dict]:
+    """Forward passes over the split (teacher-forced, eval mode, no gradients), writing
+    ``out_dir``/tokens.jsonl if given; returns the collector and the gating actually used."""
     from fairseq import utils
     from tqdm import tqdm
 
-    use_cuda = torch.cuda.is_available() and not args.cpu
+    use_cuda = torch.cuda.is_available() and not options.cpu
     if use_cuda:
         model.cuda()
     model.eval()
-    gate = moe_layers(model)[0].gate
+    gate = moe_layers(model)[0][1].gate
     gating = dict(policy=gate.active_policy(), train_gating=gate.policy,
                   eval_gating=gate.eval_policy, threshold=gate.threshold,
                   max_experts=gate.max_experts, threshold_probs=gate.threshold_probs,
                   combine_weights=gate.combine_weights, capacity_factor=gate.capacity_factor,
                   num_experts=gate.num_experts)
-    bpe = args.bpe_merge if args.bpe_merge != "auto" else detect_bpe(task.source_dictionary)
-    sampled = sample_sentences(dataset, args.sample_tokens, args.seed)
-    itr = batch_iterator(task, model, dataset, args.max_tokens, args.max_sentences)
+    bpe = options.bpe_merge if options.bpe_merge != "auto" else detect_bpe(task.source_dictionary)
+    sampled = sample_sentences(dataset, options.sample_tokens, options.seed)
+    itr = batch_iterator(task, model, dataset, options.max_tokens, options.max_sentences)
     fh = open(out_dir / "tokens.jsonl", "w", encoding="utf-8") if out_dir is not None else None
     collector = Collector(task.source_dictionary, task.target_dictionary, bpe, set(sampled), fh,
                           sample_order=sampled)
     try:
-        bar = tqdm(itr, total=len(itr), desc=f"{PROG} {args.gen_subset}", unit="batch",
-                   disable=args.no_progress_bar, file=sys.stderr, mininterval=1.0)
+        bar = tqdm(itr, total=len(itr), desc=f"{PROG} {options.gen_subset}", unit="batch",
+                   disable=options.no_progress_bar, file=sys.stderr, mininterval=1.0)
         with torch.no_grad():
             for sample in bar:
                 if not sample:
@@ -444,12 +430,14 @@ def run(model, task, dataset, args, out_dir: Optional[Path]) -> Tuple[Collector,
 # ---- summary -----------------------------------------------------------------------------------
 
 def top_words(counts: Dict[str, List[int]], n: int) -> List[dict]:
+    """The ``n`` words most often two-expert (then by rate, then alphabetically)."""
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1][0], -kv[1][0] / kv[1][1], kv[0]))
     return [dict(token=w, two_expert=two, occurrences=occ, rate=round(two / occ, 4))
             for w, (two, occ) in ranked[:n] if two > 0]
 
 
-def summarize(collector: Collector, gating: dict, args, dataset_size: int) -> dict:
+def summarize(collector: Collector, gating: dict, options: RoutingOptions, dataset_size: int) -> dict:
+    """The contents of summary.json (without ``command``)."""
     layers = [t.as_dict() for t in collector.layers.values()]
 
     def total(entries):
@@ -461,12 +449,12 @@ def summarize(collector: Collector, gating: dict, args, dataset_size: int) -> di
     sides = {s: total([e for e in layers if e["side"] == s]) for s in SIDES
              if any(e["side"] == s for e in layers)}
     return dict(
-        checkpoint=str(args.path), data=str(args.data), split=args.gen_subset,
+        checkpoint=str(options.path), data=str(options.data), split=options.gen_subset,
         sentences=collector.sentences, sentences_in_split=dataset_size,
         gating=gating, bpe_merge=collector.bpe,
         word_rule="a word occurrence is two-expert in a layer if any of its pieces took 2+ experts",
         layers=layers, sides=sides, overall=total(layers),
-        top_tokens={s: top_words(collector.words[s], args.top_tokens) for s in sides},
+        top_tokens={s: top_words(collector.words[s], options.top_tokens) for s in sides},
         token_records=collector.records,
         sampled_sentences=collector.sample_order,
     )
@@ -484,12 +472,8 @@ def _pyplot():
     return plt
 
 
-def short_name(name: str) -> str:
-    side, index = name.split(".")
-    return f"{side[:3]}{index}"
-
-
 def plot_two_expert(summary: dict, path: Path) -> None:
+    """Paper Fig. 2: the share of tokens with 2+ experts, per layer."""
     plt = _pyplot()
     layers = summary["layers"]
     names = [short_name(e["name"]) for e in layers]
@@ -517,6 +501,7 @@ def plot_two_expert(summary: dict, path: Path) -> None:
 
 
 def plot_expert_load(summary: dict, path: Path) -> None:
+    """Heatmap of each layer's share of slots per expert."""
     plt = _pyplot()
     layers = summary["layers"]
     share = np.array([e["expert_load_share"] for e in layers]) * 100
@@ -595,6 +580,7 @@ def plot_topk_profiles(collector: Collector, summary: dict, path: Path) -> None:
 # ---- report ------------------------------------------------------------------------------------
 
 def write_report(summary: dict, path: Path, command: str) -> None:
+    """report.md: the numbers of the summary with the plots, linked."""
     g = summary["gating"]
     unit = "pieces" if summary["bpe_merge"] == "none" else f"words ({summary['bpe_merge']} merged)"
     lines = [
@@ -668,42 +654,28 @@ def write_report(summary: dict, path: Path, command: str) -> None:
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
-# ---- main --------------------------------------------------------------------------------------
+# ---- the whole analysis ------------------------------------------------------------------------
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    import shlex
+def analyse(options: RoutingOptions, overrides: Optional[dict] = None, command: str = "") -> dict:
+    """Load, run over the split and write every file of :data:`OUTPUT_FILES` into
+    ``options.out``; returns the summary (summary.json, with ``command``).
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
-                        level=logging.INFO, stream=sys.stderr)
-    try:
-        overrides = check_flags(args)
-        model, task, _, dataset = load(args, overrides)
-    except InputError as e:
-        if str(e):
-            print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
+    ``overrides``: model options to override (e.g. ``{"moe_eval_gating": "top1"}``). Raises
+    :class:`InputError` before anything is written.
+    """
+    check_options(options)
+    model, task, _, dataset = load(options.path, options.data, options.gen_subset, overrides)
+    out = Path(options.out)
     if out.exists() and not out.is_dir():
-        print(f"{PROG}: error: --out exists and is not a directory: {out}", file=sys.stderr)
-        return 2
+        raise InputError(f"--out exists and is not a directory: {out}")
     out.mkdir(parents=True, exist_ok=True)
-    collector, gating = run(model, task, dataset, args, out)
-    summary = summarize(collector, gating, args, len(dataset))
-    summary["command"] = shlex.join([PROG] + argv)
+    collector, gating = run(model, task, dataset, options, out)
+    summary = summarize(collector, gating, options, len(dataset))
+    summary["command"] = command
     with open(out / "summary.json", "w", encoding="utf-8") as fh:
         json.dump(summary, fh, indent=1, ensure_ascii=False)
     plot_two_expert(summary, out / "two_expert_by_layer.png")
     plot_topk_profiles(collector, summary, out / "topk_profiles.png")
     plot_expert_load(summary, out / "expert_load.png")
-    write_report(summary, out / "report.md", summary["command"])
-    o = summary["overall"]
-    print(f"{PROG}: {summary['sentences']} sentences, {o['tokens']} token-layer routings, "
-          f"{100 * o['two_expert_fraction']:.1f}% with 2+ experts; wrote "
-          f"{', '.join(OUTPUT_FILES)} to {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    write_report(summary, out / "report.md", command)
+    return summary

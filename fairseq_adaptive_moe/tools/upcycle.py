@@ -1,7 +1,13 @@
-"""``adaptive-moe-upcycle``: a dense fairseq transformer or BART checkpoint -> an adaptive MoE one.
+"""Upcycling: a dense fairseq transformer or BART checkpoint -> an adaptive MoE one.
+
+The library behind ``adaptive-moe-upcycle`` (:mod:`fairseq_adaptive_moe.cli.upcycle`); from
+Python, :func:`upcycle_checkpoint` does what the command does, and :func:`upcycle` converts a
+dense model already in memory into an MoE model built with its dimensions.
 
 Sparse upcycling (Komatsuzaki et al., 2022): every ``--moe-freq``-th encoder and decoder layer
-gets ``--moe-expert-count`` experts, each a copy of that layer's dense FFN (``ExpertFFN.load_dense``).
+gets ``--moe-expert-count`` experts, each a copy of that layer's dense FFN, by
+:func:`fairseq_adaptive_moe.models.dense_to_moe.dense_ffn_to_experts`, the same conversion that
+``--restore-file`` of a dense BART into ``adaptive_moe_bart`` runs.
 All other weights are copied unchanged. The output is an ``adaptive_moe_transformer`` checkpoint
 (from a ``transformer``) or an ``adaptive_moe_bart`` one (from a ``bart``: architecture
 ``adaptive_moe_bart_base`` / ``_large`` for ``bart_base`` / ``bart_large``, else
@@ -23,8 +29,8 @@ Choices, and why:
   (independently per expert, seeded by ``--seed``) to break the symmetry between experts; the
   outputs then differ from the dense model's by about that much.
 * No optimizer state is written (the dense optimizer's moments have no expert shapes), so train
-  on with ``fairseq-train ... --restore-file OUT --reset-optimizer``; the tool prints the model
-  flags that rebuild exactly this architecture.
+  on with ``fairseq-train ... --restore-file OUT --reset-optimizer``; :func:`train_flags` gives
+  the model flags that rebuild exactly this architecture.
 
 Input: fairseq's ``transformer`` model (any of its architectures, e.g. ``transformer``,
 ``transformer_wmt_en_de_big``, ``transformer_wmt19_de_en``, ``transformer_tiny``), fairseq's
@@ -36,12 +42,13 @@ Input: fairseq's ``transformer`` model (any of its architectures, e.g. ``transfo
 import argparse
 import copy
 import os
-import shlex
-import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional
 
 import torch
+
+from ..models.dense_to_moe import MoECheckpointError, dense_ffn_to_experts, moe_layers
 
 PROG = "adaptive-moe-upcycle"
 MOE_ARCH = "adaptive_moe_transformer"
@@ -49,75 +56,45 @@ MOE_BART_ARCH = "adaptive_moe_bart"
 
 
 class UpcycleError(Exception):
-    """Bad input: one line on stderr, exit status 2, nothing written."""
+    """Bad input (the message names the flag or file); raised before anything is written."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from fairseq.dataclass.utils import gen_parser_from_dataclass
+def moe_options(args=None, **given) -> dict:
+    """Every MoE option (``moe_*``, as fairseq-train's ``--moe-*`` flags): from ``args`` (a
+    namespace holding them all), else the defaults updated by ``given``."""
+    from ..models.config import MOE_DEFAULTS
 
-    from ..models.config import MoEConfig
-
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description="Turn a dense fairseq transformer (or BART) checkpoint into an "
-                    "adaptive_moe_transformer (adaptive_moe_bart) checkpoint whose experts are "
-                    "copies of the dense FFNs.",
-        epilog="Continue training with fairseq-train DATA --user-dir fairseq_adaptive_moe "
-               "--restore-file OUT --reset-optimizer and the model flags this tool prints.",
-    )
-    p.add_argument("dense", metavar="DENSE", help="dense fairseq checkpoint (.pt)")
-    p.add_argument("--out", "-o", required=True, help="the MoE checkpoint to write (.pt)")
-    p.add_argument("--data", default=None,
-                   help="data-bin directory holding the checkpoint's dictionaries (default: the "
-                        "data path stored in the checkpoint)")
-    p.add_argument("--noise-std", type=float, default=0.0,
-                   help="relative noise on each expert copy: W_e = W + r * rms(W) * N(0, 1), "
-                        "independently per expert (default: 0, exact copies)")
-    p.add_argument("--gate-init-std", type=float, default=None,
-                   help="gate weights ~ N(0, std^2); default: nn.Linear's U(-1/sqrt(d), 1/sqrt(d)); "
-                        "0 = zero gate (uniform gate probabilities)")
-    p.add_argument("--seed", type=int, default=1,
-                   help="seed of the gate init and the noise (default: 1)")
-    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    moe = p.add_argument_group("MoE options (as fairseq-train's --moe-*)")
-    gen_parser_from_dataclass(moe, MoEConfig())
-    for action in moe._group_actions:
-        if action.dest == "moe_expert_count":
-            action.required, action.default = True, None
-            action.help = "experts per MoE layer (required)"
-        elif action.dest == "moe_combine_weights":
-            action.default = "renormalized"
-            action.help = ("combine weights (default: renormalized, so that identical experts "
-                           "reproduce the dense FFN exactly; softmax scales it by sum p_j)")
-    return p
+    if args is not None:
+        return {name: getattr(args, name) for name in MOE_DEFAULTS}
+    unknown = sorted(set(given) - set(MOE_DEFAULTS))
+    if unknown:
+        raise UpcycleError(f"unknown MoE options {unknown}; expected some of {sorted(MOE_DEFAULTS)}")
+    return {**MOE_DEFAULTS, **given}
 
 
-def check_flags(args) -> None:
+def check_inputs(dense: str, out: str, options: dict, data: Optional[str] = None,
+                 noise_std: float = 0.0, gate_init_std: Optional[float] = None,
+                 force: bool = False) -> None:
+    """Raise :class:`UpcycleError` naming the first bad option or missing file."""
     from ..models.config import MoEConfigError, check_moe_args
 
     try:
-        check_moe_args(args)
+        check_moe_args(argparse.Namespace(**options))
     except MoEConfigError as e:
         raise UpcycleError(str(e)) from None
-    if args.moe_freq == 0:
+    if options["moe_freq"] == 0:
         raise UpcycleError("--moe-freq 0 makes no MoE layer; give N >= 1 (layers N, 2N, ... "
                            "become MoE)")
-    if not args.noise_std >= 0:
-        raise UpcycleError(f"--noise-std must be >= 0, got {args.noise_std}")
-    if args.gate_init_std is not None and not args.gate_init_std >= 0:
-        raise UpcycleError(f"--gate-init-std must be >= 0, got {args.gate_init_std}")
-    if not os.path.isfile(args.dense):
-        raise UpcycleError(f"dense checkpoint not found: {args.dense}")
-    if os.path.exists(args.out) and not args.force:
-        raise UpcycleError(f"{args.out} exists; pass --force to overwrite it")
-    if args.data is not None and not os.path.isdir(args.data):
-        raise UpcycleError(f"--data directory not found: {args.data}")
-
-
-def moe_options(args) -> dict:
-    from ..models.config import MOE_DEFAULTS
-
-    return {name: getattr(args, name) for name in MOE_DEFAULTS}
+    if not noise_std >= 0:
+        raise UpcycleError(f"--noise-std must be >= 0, got {noise_std}")
+    if gate_init_std is not None and not gate_init_std >= 0:
+        raise UpcycleError(f"--gate-init-std must be >= 0, got {gate_init_std}")
+    if not os.path.isfile(dense):
+        raise UpcycleError(f"dense checkpoint not found: {dense}")
+    if os.path.exists(out) and not force:
+        raise UpcycleError(f"{out} exists; pass --force to overwrite it")
+    if data is not None and not os.path.isdir(data):
+        raise UpcycleError(f"--data directory not found: {data}")
 
 
 # ---- the dense checkpoint ----------------------------------------------------------------------
@@ -139,6 +116,7 @@ def load_dense(path: str, data: Optional[str]):
 
 
 def model_class(model_cfg):
+    """(architecture name, its registered fairseq model class or None)."""
     from fairseq.models import ARCH_MODEL_REGISTRY, MODEL_REGISTRY
 
     name = getattr(model_cfg, "_name", None) or getattr(model_cfg, "arch", None)
@@ -191,34 +169,30 @@ def moe_model_args(dense_args, options: dict, arch: str = MOE_ARCH) -> argparse.
 
 
 @torch.no_grad()
-def upcycle(dense_model, moe_model, noise_std: float, gate_init_std: Optional[float],
-            seed: int) -> List[str]:
+def upcycle(dense_model, moe_model, noise_std: float = 0.0, gate_init_std: Optional[float] = None,
+            seed: int = 1) -> List[str]:
     """Copy ``dense_model`` into ``moe_model`` in place; returns the MoE layers' module names.
 
-    Shared weights are copied by name; each MoE layer's experts are copies of the dense layer's
-    fc1/fc2. Raises UpcycleError if any weight of either model is left without a counterpart.
+    The dense state dict goes through :func:`dense_ffn_to_experts` (each MoE layer's experts
+    become copies of the dense layer's fc1/fc2), every other weight is copied by name. Then, per
+    MoE layer in module order: ``r * rms(W) * N(0, 1)`` noise on every expert copy of every FFN
+    tensor W (``noise_std`` r > 0, generator seeded ``seed + 1``), and ``N(0, gate_init_std^2)``
+    gate weights (generator seeded ``seed + 2``; None keeps the gate's init). Raises
+    UpcycleError if any weight of either model is left without a counterpart.
     """
-    from ..moe import MoELayer
-
-    dense_state = dense_model.state_dict()
-    moe_state = moe_model.state_dict()
-    layers, used = [], set()
+    state = dense_model.state_dict()
+    try:
+        converted = set(dense_ffn_to_experts(moe_model, state, init="copy"))
+    except MoECheckpointError as e:
+        raise UpcycleError(str(e)) from None
+    layers = []
     noise = torch.Generator().manual_seed(seed + 1)
     gate_gen = torch.Generator().manual_seed(seed + 2)
-    for name, module in moe_model.named_modules():
-        if not isinstance(module, MoELayer):
-            continue
-        prefix = name[: -len(".moe")] if name.endswith(".moe") else name
-        dense_layer = dense_model.get_submodule(prefix)
-        fc1, fc2 = getattr(dense_layer, "fc1", None), getattr(dense_layer, "fc2", None)
-        if fc1 is None or fc2 is None:
+    for name, module in moe_layers(moe_model):
+        prefix = name[: -len(".moe")]
+        if prefix not in converted:
             raise UpcycleError(f"dense layer {prefix} has no fc1/fc2 FFN to copy")
         experts = module.experts
-        if (fc1.weight.shape != experts.fc1_weight.shape[:0:-1]
-                or fc2.weight.shape != experts.fc2_weight.shape[:0:-1]):
-            raise UpcycleError(f"{prefix}: dense FFN {tuple(fc1.weight.shape)} does not fit the "
-                               f"experts {tuple(experts.fc1_weight.shape[1:])}")
-        experts.load_dense(fc1, fc2)
         if noise_std > 0:
             for tensor in (experts.fc1_weight, experts.fc1_bias, experts.fc2_weight, experts.fc2_bias):
                 rms = tensor[0].float().pow(2).mean().sqrt()
@@ -228,33 +202,37 @@ def upcycle(dense_model, moe_model, noise_std: float, gate_init_std: Optional[fl
         if gate_init_std is not None:
             w = module.gate.wg.weight
             w.copy_(torch.randn(w.shape, generator=gate_gen) * gate_init_std)
-        used.update(f"{prefix}.{fc}.{p}" for fc in ("fc1", "fc2") for p in ("weight", "bias"))
         layers.append(name)
 
-    new_state = {}
+    moe_state = moe_model.state_dict()
     for key, value in moe_state.items():
-        if key in dense_state:
-            if dense_state[key].shape != value.shape:
-                raise UpcycleError(f"{key}: dense shape {tuple(dense_state[key].shape)} != MoE "
-                                   f"shape {tuple(value.shape)}")
-            new_state[key] = dense_state[key]
-        elif ".moe." in key:
-            new_state[key] = value
-        else:
+        if key not in state:
             raise UpcycleError(f"the MoE model's {key} has no dense counterpart")
-    left = sorted(set(dense_state) - set(moe_state) - used)
+        if state[key].shape != value.shape:
+            raise UpcycleError(f"{key}: dense shape {tuple(state[key].shape)} != MoE "
+                               f"shape {tuple(value.shape)}")
+    left = sorted(set(state) - set(moe_state))
     if left:
         raise UpcycleError(f"dense weights with no place in the MoE model: {', '.join(left[:5])}"
                            + (" ..." if len(left) > 5 else ""))
-    moe_model.load_state_dict(new_state, strict=True)
+    moe_model.load_state_dict(state, strict=True)
     return layers
 
 
-def train_flags(moe_args) -> List[str]:
+class TrainFlags(NamedTuple):
+    """The fairseq-train model flags, and the options no flag can set as in the model."""
+
+    flags: List[str]
+    unset: List[str]
+
+
+def train_flags(moe_args) -> TrainFlags:
     """The fewest fairseq-train model flags that rebuild ``moe_args``'s architecture.
 
     Parsed as fairseq-train does (model flags default to unset, then the architecture function
-    fills them); a flag is kept only if dropping it would change a model option.
+    fills them); a flag is kept only if dropping it would change a model option. ``unset`` names
+    the options that still differ (e.g. one that is on by default and off here: no flag turns it
+    off).
     """
     from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
 
@@ -281,11 +259,7 @@ def train_flags(moe_args) -> List[str]:
         trial = [i for i in items if i is not item]
         if not differences(trial):
             items = trial
-    left = differences(items)
-    if left:  # e.g. an option that is on by default and off here: no flag turns it off
-        print(f"{PROG}: warning: no fairseq-train flag sets {', '.join(left)} as in the "
-              "checkpoint", file=sys.stderr)
-    return ["--arch", arch] + [tok for item in items for tok in item]
+    return TrainFlags(["--arch", arch] + [tok for item in items for tok in item], differences(items))
 
 
 def _same(a, b) -> bool:
@@ -298,55 +272,75 @@ def _same(a, b) -> bool:
         return False
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    try:
-        check_flags(args)
-        state, cfg, arch = load_dense(args.dense, args.data)
-        from fairseq import tasks
+# ---- the whole conversion ----------------------------------------------------------------------
 
-        try:
-            task = tasks.setup_task(cfg.task)
-        except Exception as e:  # noqa: BLE001  (missing dictionaries, unknown task, ...)
-            raise UpcycleError(f"cannot set up task {cfg.task.get('_name')!r} from data "
-                               f"{cfg.task.get('data')!r} ({_first_line(e)}); give --data DIR "
-                               "holding the checkpoint's dictionaries") from None
-        dense_cfg = copy.deepcopy(cfg.model)
-        if arch != MOE_ARCH:  # BART: keep the classification heads (BART drops them otherwise)
-            dense_cfg.load_checkpoint_heads = True
-        dense_model = task.build_model(dense_cfg)
-        try:
-            dense_model.load_state_dict(state["model"], strict=True, model_cfg=dense_cfg)
-        except RuntimeError as e:
-            raise UpcycleError(f"{args.dense}: weights do not match the stored architecture: "
-                               f"{_first_line(e)}") from None
-        options = moe_options(args)
-        moe_args = moe_model_args(cfg.model, options, arch)
-        torch.manual_seed(args.seed)  # the gates' nn.Linear init
-        moe_model = task.build_model(moe_args)
-        for head, module in getattr(dense_model, "classification_heads", {}).items():
-            moe_model.register_classification_head(head, module.out_proj.out_features,
-                                                   module.dense.out_features)
-        layers = upcycle(dense_model, moe_model, args.noise_std, args.gate_init_std, args.seed)
-        if not layers:
-            raise UpcycleError(f"--moe-freq {args.moe_freq} leaves no MoE layer in a "
-                               f"{moe_args.encoder_layers}+{moe_args.decoder_layers}-layer model")
-    except UpcycleError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+@dataclass
+class UpcycleResult:
+    """What :func:`upcycle_checkpoint` wrote."""
+
+    out: Path
+    arch: str  # the MoE architecture
+    layers: List[str]  # the MoE layers' module names (encoder.layers.0.moe ...)
+    gate_init: str  # how the gates were initialised, in words
+    train_flags: TrainFlags  # the fairseq-train model flags that rebuild the architecture
+    task: str  # the checkpoint's fairseq task
+    record: dict  # extra_state["upcycle"] of the written checkpoint
+
+
+def upcycle_checkpoint(dense: str, out: str, options: dict, data: Optional[str] = None,
+                       noise_std: float = 0.0, gate_init_std: Optional[float] = None,
+                       seed: int = 1, force: bool = False, command: str = "") -> UpcycleResult:
+    """Read the dense checkpoint ``dense``, write its upcycled MoE checkpoint to ``out``.
+
+    ``options``: every MoE option (:func:`moe_options`; ``moe_expert_count`` and the others as
+    the ``--moe-*`` flags). ``data``: the data-bin directory with the checkpoint's dictionaries
+    (default: the path stored in the checkpoint). The gates' ``nn.Linear`` init is drawn after
+    ``torch.manual_seed(seed)``; ``noise_std``, ``gate_init_std`` and ``seed`` as in
+    :func:`upcycle`. The checkpoint holds the model, the dense run's config with the MoE model
+    options, no optimizer state, and ``extra_state["upcycle"]`` (source, ``command``, layers,
+    options, train flags). Raises :class:`UpcycleError` before writing anything.
+    """
+    check_inputs(dense, out, options, data, noise_std, gate_init_std, force)
+    state, cfg, arch = load_dense(dense, data)
+    from fairseq import tasks
+
+    try:
+        task = tasks.setup_task(cfg.task)
+    except Exception as e:  # noqa: BLE001  (missing dictionaries, unknown task, ...)
+        raise UpcycleError(f"cannot set up task {cfg.task.get('_name')!r} from data "
+                           f"{cfg.task.get('data')!r} ({_first_line(e)}); give --data DIR "
+                           "holding the checkpoint's dictionaries") from None
+    dense_cfg = copy.deepcopy(cfg.model)
+    if arch != MOE_ARCH:  # BART: keep the classification heads (BART drops them otherwise)
+        dense_cfg.load_checkpoint_heads = True
+    dense_model = task.build_model(dense_cfg)
+    try:
+        dense_model.load_state_dict(state["model"], strict=True, model_cfg=dense_cfg)
+    except RuntimeError as e:
+        raise UpcycleError(f"{dense}: weights do not match the stored architecture: "
+                           f"{_first_line(e)}") from None
+    moe_args = moe_model_args(cfg.model, options, arch)
+    torch.manual_seed(seed)  # the gates' nn.Linear init
+    moe_model = task.build_model(moe_args)
+    for head, module in getattr(dense_model, "classification_heads", {}).items():
+        moe_model.register_classification_head(head, module.out_proj.out_features,
+                                               module.dense.out_features)
+    layers = upcycle(dense_model, moe_model, noise_std, gate_init_std, seed)
+    if not layers:
+        raise UpcycleError(f"--moe-freq {options['moe_freq']} leaves no MoE layer in a "
+                           f"{moe_args.encoder_layers}+{moe_args.decoder_layers}-layer model")
 
     from omegaconf import OmegaConf
 
     flags = train_flags(moe_args)
     out_cfg = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     out_cfg["model"] = moe_args
-    gate_init = ("nn.Linear default U(-1/sqrt(d), 1/sqrt(d))" if args.gate_init_std is None
-                 else f"N(0, {args.gate_init_std}^2)")
+    gate_init = ("nn.Linear default U(-1/sqrt(d), 1/sqrt(d))" if gate_init_std is None
+                 else f"N(0, {gate_init_std}^2)")
     record = dict(
-        source=os.path.abspath(args.dense), command=shlex.join([PROG] + argv),
-        moe_layers=layers, moe=options, noise_std=args.noise_std, gate_init=gate_init,
-        seed=args.seed, train_flags=flags,
+        source=os.path.abspath(dense), command=command,
+        moe_layers=layers, moe=options, noise_std=noise_std, gate_init=gate_init,
+        seed=seed, train_flags=flags.flags,
         note="no optimizer state: continue with fairseq-train --restore-file ... --reset-optimizer",
     )
     out_state = {
@@ -361,29 +355,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                            "version": 2},
                         "upcycle": record},
     }
-    out = Path(args.out)
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     torch.save(out_state, tmp)
     os.replace(tmp, out)
-
-    sides = {}
-    for name in layers:
-        side, _, index = name.split(".")[:3]
-        sides.setdefault(side, []).append(int(index))
-    where = ", ".join(f"{side} layers {idx}" for side, idx in sides.items())
-    print(f"{PROG}: wrote {out}: {arch}, {args.moe_expert_count} experts in {where}; "
-          f"combine weights {args.moe_combine_weights}, noise {args.noise_std}, gate init "
-          f"{gate_init}, seed {args.seed}; no optimizer state")
-    if args.moe_combine_weights != "renormalized" or args.moe_capacity_factor > 0:
-        print(f"{PROG}: note: with softmax combine weights or a capacity limit the upcycled model "
-              "does not reproduce the dense outputs")
-    print(f"{PROG}: continue training with:\n  fairseq-train DATA --user-dir fairseq_adaptive_moe "
-          f"--task {cfg.task.get('_name')} {shlex.join(flags)} --criterion "
-          f"adaptive_moe_label_smoothed_cross_entropy --restore-file {shlex.quote(str(out))} "
-          "--reset-optimizer ...")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return UpcycleResult(out, arch, layers, gate_init, flags, cfg.task.get("_name"), record)
