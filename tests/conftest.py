@@ -77,7 +77,64 @@ def prepare_m30k(tmp_path_factory, vocab_size: int, max_train: int, max_eval: in
     return shared_artifact(tmp_path_factory, f"m30k-{vocab_size}-{max_train}-{max_eval}", build) / "data-bin"
 
 
+#: the base of every tiny translation run in the tests (fairseq-train flags without DATA,
+#: --arch, --criterion, --save-dir and --max-update)
+TINY_TRANSLATION = [
+    "--user-dir", USER_DIR, "--task", "translation", "--share-all-embeddings",
+    "--label-smoothing", "0.1", "--optimizer", "adam", "--lr", "1e-3", "--max-tokens", "1500",
+    "--cpu", "--seed", "3", "--log-format", "json", "--log-interval", "1", "--no-progress-bar",
+    "--no-epoch-checkpoints",
+]
+MOE_TINY = ["--arch", "adaptive_moe_transformer_tiny",
+            "--criterion", "adaptive_moe_label_smoothed_cross_entropy"]
+DENSE_TINY = ["--arch", "transformer_tiny", "--criterion", "label_smoothed_cross_entropy"]
+#: the tiny decoder-only MoE language model (without DATA, --save-dir and --max-update)
+TINY_LM = [
+    "--user-dir", USER_DIR, "--task", "language_modeling", "--arch", "adaptive_moe_transformer_lm_tiny",
+    "--criterion", "adaptive_moe_cross_entropy", "--optimizer", "adam", "--lr", "1e-3",
+    "--tokens-per-sample", "64", "--max-tokens", "1024", "--cpu", "--seed", "2",
+    "--log-format", "json", "--log-interval", "1", "--no-progress-bar", "--no-epoch-checkpoints",
+]
+
+
+def train_shared(tmp_path_factory, name: str, data: Path, *flags) -> Path:
+    """A fairseq-train run made once per test run (see :func:`shared_artifact`): its save dir,
+    holding the checkpoints and ``train.log`` (stdout + stderr). Tests read it, never write it:
+    copy it first to resume from it."""
+    def build(root: Path) -> None:
+        proc = run_cli("fairseq-train", data, *flags, "--save-dir", root)
+        (root / "train.log").write_text(proc.stdout + proc.stderr)
+
+    return shared_artifact(tmp_path_factory, name, build)
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_run(m30k_bin, tmp_path_factory) -> Path:
+    """adaptive_moe_transformer_tiny trained 6 updates on :func:`m30k_bin`: the checkpoint the
+    generation, routing, upcycling and resume tests share."""
+    return train_shared(tmp_path_factory, "tiny-moe", m30k_bin, *TINY_TRANSLATION, *MOE_TINY,
+                        "--max-update", "6")
+
+
+@pytest.fixture(scope="session")
+def tiny_dense_run(m30k_bin, tmp_path_factory) -> Path:
+    """The dense transformer_tiny, trained like :func:`tiny_moe_run`."""
+    return train_shared(tmp_path_factory, "tiny-dense", m30k_bin, *TINY_TRANSLATION, *DENSE_TINY,
+                        "--max-update", "6")
+
+
 @pytest.fixture(scope="session")
 def m30k_bin(tmp_path_factory):
     """3,000 training pairs, 60 valid/test pairs, sentencepiece 1000."""
     return prepare_m30k(tmp_path_factory, 1000, 3000, 60)
+
+
+#: fixtures that prepare data or train a model: a test that uses one, directly or through
+#: another fixture, belongs to the slow tier whatever its own marks say
+SLOW_FIXTURES = {"m30k_bin", "tiny_bin", "tiny_moe_run", "tiny_dense_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)

@@ -14,6 +14,8 @@ from fairseq_adaptive_moe.cli import routing, upcycle
 from fairseq_adaptive_moe import errors
 from fairseq_adaptive_moe.models.adaptive_moe_bart import AdaptiveMoEBARTModel, MoECheckpointError, moe_layers
 
+pytestmark = pytest.mark.slow
+
 TINY = ["--encoder-layers", "2", "--decoder-layers", "2", "--encoder-embed-dim", "64",
         "--decoder-embed-dim", "64", "--encoder-ffn-embed-dim", "128",
         "--decoder-ffn-embed-dim", "128", "--encoder-attention-heads", "4",

@@ -132,6 +132,7 @@ def test_each_finished_token_count_is_kept(monkeypatch, tmp_path, capsys):
         (impl, f) for impl in ("ours", "loop") for f in bench.DEFAULT_FRACTIONS}
 
 
+@pytest.mark.slow
 def test_compiled_static_variant_in_bf16(tmp_path, capsys):
     """ours_compiled (torch.compile of the static plan, fullgraph) matches the fp32 loop, forward
     and backward, at every fraction; the CUDA-graph variant says why it cannot run here."""

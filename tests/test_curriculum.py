@@ -259,6 +259,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.multiprocess
 def test_two_gloo_ranks_compute_the_same_order(tiny_bin, tmp_path):
     spy = tmp_path / "spy.py"
     spy.write_text(SPY)

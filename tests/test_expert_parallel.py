@@ -10,6 +10,8 @@ import torch.multiprocessing as mp
 
 from fairseq_adaptive_moe.moe import ExpertFFN, MoELayer, TopKGate
 
+pytestmark = pytest.mark.multiprocess
+
 E, D, FFN = 4, 8, 12
 
 

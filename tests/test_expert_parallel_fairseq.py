@@ -23,6 +23,8 @@ import torch
 
 from conftest import BIN, USER_DIR, run_cli
 
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
 TOL_PARAM = 1e-4
 
 

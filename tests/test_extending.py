@@ -7,7 +7,7 @@ import re
 import pytest
 
 import fairseq_adaptive_moe  # noqa: F401
-from conftest import ROOT, USER_DIR, load_script, run_cli, shared_data
+from conftest import ROOT, TINY_LM, USER_DIR, load_script, run_cli, shared_data
 from fairseq.models import register_model, register_model_architecture
 from fairseq_adaptive_moe.models import (
     AdaptiveMoETransformerDecoder,
@@ -15,12 +15,9 @@ from fairseq_adaptive_moe.models import (
     adaptive_moe_transformer_tiny,
 )
 
-LM_TRAIN = [
-    "--user-dir", USER_DIR, "--task", "language_modeling", "--arch", "adaptive_moe_transformer_lm_tiny",
-    "--criterion", "adaptive_moe_cross_entropy", "--optimizer", "adam", "--lr", "1e-3",
-    "--tokens-per-sample", "64", "--max-tokens", "1024", "--cpu", "--seed", "2",
-    "--log-format", "json", "--log-interval", "1", "--no-progress-bar", "--no-epoch-checkpoints",
-]
+pytestmark = pytest.mark.slow
+
+LM_TRAIN = TINY_LM
 
 
 def json_records(text, kind="train_inner"):

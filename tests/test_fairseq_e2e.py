@@ -6,15 +6,9 @@ import pytest
 import torch
 
 import fairseq_adaptive_moe  # noqa: F401  (what --user-dir does: registers, allows checkpoints)
-from conftest import USER_DIR, load_script, run_cli
+from conftest import MOE_TINY, TINY_TRANSLATION, USER_DIR, load_script, run_cli
 
-TRAIN = [
-    "--user-dir", USER_DIR, "--task", "translation", "--arch", "adaptive_moe_transformer_tiny",
-    "--share-all-embeddings", "--criterion", "adaptive_moe_label_smoothed_cross_entropy",
-    "--label-smoothing", "0.1", "--optimizer", "adam", "--lr", "1e-3", "--max-tokens", "1500",
-    "--cpu", "--seed", "3", "--log-format", "json", "--log-interval", "1", "--no-progress-bar",
-    "--no-epoch-checkpoints",
-]
+TRAIN = [*TINY_TRANSLATION, *MOE_TINY]
 
 
 def json_records(text, kind="train_inner"):
@@ -28,10 +22,9 @@ def train(data, save_dir, *extra):
 
 
 @pytest.fixture(scope="module")
-def trained(m30k_bin, tmp_path_factory):
-    save = tmp_path_factory.mktemp("ckpt")
-    log = train(m30k_bin, save, "--max-update", "6")
-    return save, log
+def trained(tiny_moe_run):
+    """(save dir, training log) of the shared 6-update run of TRAIN."""
+    return tiny_moe_run, (tiny_moe_run / "train.log").read_text()
 
 
 def test_train_logs_moe_metrics_per_layer(trained):
@@ -120,6 +113,7 @@ def test_bad_flags_fail_cleanly_and_write_nothing(m30k_bin, tmp_path, flags, nam
     assert not save.exists()
 
 
+@pytest.mark.slow
 def test_flags_have_help_text():
     proc = run_cli("fairseq-train", "--user-dir", USER_DIR, "--arch", "adaptive_moe_transformer",
                    "--criterion", "adaptive_moe_label_smoothed_cross_entropy", "--help")

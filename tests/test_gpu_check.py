@@ -7,7 +7,11 @@ import sys
 import tarfile
 import time
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = [pytest.mark.experiments, pytest.mark.slow]
 
 SCRIPT = ROOT / "experiments" / "gpu" / "run.sh"
 

@@ -6,22 +6,12 @@ import sys
 
 import pytest
 
-from conftest import USER_DIR, run_cli
+from conftest import MOE_TINY, TINY_LM, TINY_TRANSLATION, run_cli
 
 pytestmark = pytest.mark.slow
 
-LM = [
-    "--user-dir", USER_DIR, "--task", "language_modeling", "--arch", "adaptive_moe_transformer_lm_tiny",
-    "--criterion", "adaptive_moe_cross_entropy", "--optimizer", "adam", "--lr", "1e-3",
-    "--tokens-per-sample", "64", "--max-tokens", "1024", "--cpu", "--seed", "2", "--no-save",
-    "--log-format", "json", "--log-interval", "1", "--no-progress-bar", "--max-update", "2",
-]
-MT = [
-    "--user-dir", USER_DIR, "--task", "translation", "--arch", "adaptive_moe_transformer_tiny",
-    "--share-all-embeddings", "--criterion", "adaptive_moe_label_smoothed_cross_entropy",
-    "--optimizer", "adam", "--lr", "1e-3", "--max-tokens", "1500", "--cpu", "--seed", "3",
-    "--no-save", "--log-format", "json", "--log-interval", "1", "--no-progress-bar", "--max-update", "2",
-]
+LM = [*TINY_LM, "--no-save", "--max-update", "2"]
+MT = [*TINY_TRANSLATION, *MOE_TINY, "--no-save", "--max-update", "2"]
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ def prepare():
     return load_prepare()
 
 
+@pytest.mark.slow
 def test_prepare_end_to_end(prepare, tmp_path, capsys, monkeypatch):
     if not DATA.is_dir():
         pytest.skip(f"Multi30k data not found at {DATA}")

@@ -11,18 +11,13 @@ import pytest
 import torch
 
 import fairseq_adaptive_moe  # noqa: F401  (what --user-dir does: registers, allows checkpoints)
-from conftest import USER_DIR, run_cli
+from conftest import TINY_TRANSLATION, USER_DIR, run_cli
 from fairseq_adaptive_moe.cli import routing as routing_cli
 from fairseq_adaptive_moe.cli import upcycle as upcycle_cli
 from fairseq_adaptive_moe.tools import routing, upcycle
 from fairseq_adaptive_moe.moe import MoELayer
 
-COMMON = [
-    "--user-dir", USER_DIR, "--task", "translation", "--share-all-embeddings",
-    "--label-smoothing", "0.1", "--optimizer", "adam", "--lr", "1e-3", "--max-tokens", "1500",
-    "--cpu", "--seed", "3", "--log-format", "json", "--log-interval", "1", "--no-progress-bar",
-    "--no-epoch-checkpoints",
-]
+COMMON = TINY_TRANSLATION
 SPLIT, BATCH = "test", 16
 
 
@@ -45,20 +40,13 @@ def batches(task, model, split=SPLIT, max_sentences=BATCH):
 
 
 @pytest.fixture(scope="module")
-def moe_ckpt(m30k_bin, tmp_path_factory):
-    save = tmp_path_factory.mktemp("moe")
-    run_cli("fairseq-train", m30k_bin, *COMMON, "--arch", "adaptive_moe_transformer_tiny",
-            "--criterion", "adaptive_moe_label_smoothed_cross_entropy", "--max-update", "6",
-            "--save-dir", save)
-    return save / "checkpoint_last.pt"
+def moe_ckpt(tiny_moe_run):
+    return tiny_moe_run / "checkpoint_last.pt"
 
 
 @pytest.fixture(scope="module")
-def dense_ckpt(m30k_bin, tmp_path_factory):
-    save = tmp_path_factory.mktemp("dense")
-    run_cli("fairseq-train", m30k_bin, *COMMON, "--arch", "transformer_tiny",
-            "--criterion", "label_smoothed_cross_entropy", "--max-update", "6", "--save-dir", save)
-    return save / "checkpoint_last.pt"
+def dense_ckpt(tiny_dense_run):
+    return tiny_dense_run / "checkpoint_last.pt"
 
 
 # ---- adaptive-moe-routing ----------------------------------------------------------------------

@@ -10,6 +10,8 @@ from conftest import load_script, shared_data
 from experiments import compare
 from test_bart import prepare_cnndm, train_log_records
 
+pytestmark = pytest.mark.slow
+
 recipe = load_script("examples/summarization/recipe.py")
 score = load_script("examples/summarization/score.py")
 prepare = load_script("examples/summarization/prepare.py")
@@ -178,6 +180,7 @@ def test_prepare_gpt2_missing_file_one_line(tmp_path, capsys, which):
 
 # ---- experiments.compare in summarization mode -----------------------------------------------------------
 
+@pytest.mark.experiments
 def test_compare_runner_summarization(cnndm_bin, tmp_path):
     out = tmp_path / "cmp"
     rc = compare.main(["--data-bin", str(cnndm_bin), "--out", str(out), "--schemes", "dense,adaptive",

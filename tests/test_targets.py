@@ -9,6 +9,8 @@ import pytest
 from conftest import ROOT
 from experiments import targets
 
+pytestmark = pytest.mark.experiments
+
 CPU_BENCH = ROOT / "docs" / "results" / "bench" / "bench.json"
 
 

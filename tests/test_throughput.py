@@ -6,6 +6,8 @@ import pytest
 
 from experiments import throughput
 
+pytestmark = [pytest.mark.experiments, pytest.mark.slow]
+
 
 @pytest.fixture(scope="module")
 def measured(m30k_bin, tmp_path_factory):

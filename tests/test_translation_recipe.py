@@ -14,6 +14,8 @@ import pytest
 
 from conftest import BIN, ROOT, load_script, shared_data
 
+pytestmark = pytest.mark.slow
+
 RECIPE = ROOT / "examples" / "translation"
 SIGNATURE = re.compile(r"sacreBLEU \d+\.\d\d  nrefs:1\|case:mixed\|eff:no\|tok:13a\|smooth:exp\|version:")
 TINY = {"MAX_UPDATE": "3", "WARMUP": "1", "MAX_TOKENS": "1500", "LOG_INTERVAL": "1"}
