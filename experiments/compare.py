@@ -12,7 +12,10 @@ gating:
 
 - ``dense``: ``--moe-freq 0`` (no MoE layer, same code path);
 - ``top1`` / ``top2``: ``--moe-gating top1`` / ``top2``;
-- ``adaptive``: ``--moe-gating adaptive --moe-threshold T`` (``--threshold``, default 0.1).
+- ``adaptive``: ``--moe-gating adaptive --moe-threshold T`` (``--threshold``, default 0.1);
+- ``budget`` (only when named in ``--schemes``): adaptive gating with a two-expert budget,
+  ``--moe-two-expert-budget S`` (``--budget``, default 0.2; several values give one run each,
+  named ``budget-S<S>``), starting from ``--moe-threshold T`` (docs/budget.md).
 
 ``--sweep 0.05,0.1,0.2`` instead trains adaptive gating at each T (Table 5); schemes named with
 ``--schemes`` are then trained as well. Runs go one at a time, each with the same thread count
@@ -80,6 +83,9 @@ from . import ROOT, child_env, module_argv
 from . import flags as fl
 from .flags import SCHEMES, USER_DIR, scheme_flags
 
+BUDGET = "budget"
+RUN_SCHEMES = SCHEMES + (BUDGET,)  # the default runs stay SCHEMES
+
 PROG = "compare.py"
 SCORE = {"translation": ROOT / "examples" / "translation" / "score.py",
          "summarization": ROOT / "examples" / "summarization" / "score.py"}
@@ -113,9 +119,13 @@ def parse_args(argv=None):
                         "summarization iff the data-bin has dict.source.txt")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--schemes", default=None,
-                   help="comma-separated subset of dense,top1,top2,adaptive "
-                        "(default: all four; with --sweep: none besides the sweep)")
-    p.add_argument("--threshold", default="0.1", help="adaptive threshold T (0.1)")
+                   help="comma-separated subset of dense,top1,top2,adaptive,budget "
+                        "(default: the first four; with --sweep: none besides the sweep)")
+    p.add_argument("--threshold", default="0.1",
+                   help="adaptive threshold T, the budget's starting T (0.1)")
+    p.add_argument("--budget", default="0.2",
+                   help="the budget scheme's --moe-two-expert-budget S, 0 < S < 1; "
+                        "comma-separated: one run per value (0.2)")
     p.add_argument("--sweep", default=None,
                    help="comma-separated thresholds: train adaptive gating at each (Table 5)")
     p.add_argument("--arch", default=None, help="default: adaptive_moe_transformer_tiny, "
@@ -180,8 +190,22 @@ def parse_threshold(text):
     return t
 
 
+def parse_budgets(text):
+    """The ``--budget`` values: distinct numbers strictly between 0 and 1; raises BadInput."""
+    budgets = []
+    for x in (x.strip() for x in text.split(",")):
+        try:
+            s = float(x)
+        except ValueError:
+            raise BadInput(f"bad budget {x!r}: not a number")
+        if not 0 < s < 1:
+            raise BadInput(f"bad budget {x!r}: must be between 0 and 1 (exclusive)")
+        budgets.append(s)
+    return list(dict.fromkeys(budgets))
+
+
 def plan_runs(args):
-    """[(name, scheme, T or None)] in run order; raises BadInput."""
+    """[(name, scheme, T or None, S or None)] in run order; raises BadInput."""
     if not (args.data_bin / "dict.en.txt").is_file() and not any(args.data_bin.glob("dict.*.txt")):
         raise BadInput(f"no data-bin at {args.data_bin} (run examples/translation/prepare.py "
                        "first)")
@@ -205,15 +229,22 @@ def plan_runs(args):
     schemes = [s.strip() for s in (args.schemes if args.schemes is not None else default).split(",")
                if s.strip()]
     for s in schemes:
-        if s not in SCHEMES:
-            raise BadInput(f"unknown scheme {s!r} (choose from {', '.join(SCHEMES)})")
-    runs = [(s, s, threshold if s == "adaptive" else None) for s in dict.fromkeys(schemes)]
+        if s not in RUN_SCHEMES:
+            raise BadInput(f"unknown scheme {s!r} (choose from {', '.join(RUN_SCHEMES)})")
+    budgets = parse_budgets(args.budget)
+    runs = []
+    for s in dict.fromkeys(schemes):
+        if s == BUDGET:
+            runs += [(BUDGET if len(budgets) == 1 else f"budget-S{b:g}", BUDGET, threshold, b)
+                     for b in budgets]
+        else:
+            runs.append((s, s, threshold if s == "adaptive" else None, None))
     if args.sweep is not None:
         ts = [parse_threshold(x.strip()) for x in args.sweep.split(",") if x.strip()]
         if not ts:
             raise BadInput("--sweep needs at least one threshold")
         runs = [r for r in runs if r[0] != "adaptive"]
-        runs += [(f"adaptive-T{t:g}", "adaptive", t) for t in dict.fromkeys(ts)]
+        runs += [(f"adaptive-T{t:g}", "adaptive", t, None) for t in dict.fromkeys(ts)]
     if not runs:
         raise BadInput("nothing to run")
     return runs
@@ -231,15 +262,20 @@ def parse_seeds(args):
     return seeds
 
 
-def train_flags(args, scheme, threshold, save_dir, seed=None):
+def train_flags(args, scheme, threshold, save_dir, seed=None, budget=None):
+    """The fairseq-train flags of one run; the budget scheme is adaptive gating plus
+    ``--moe-two-expert-budget S``."""
     seed = args.seed if seed is None else seed
+    budget_flags = []
+    if scheme == BUDGET:
+        scheme, budget_flags = "adaptive", ["--moe-two-expert-budget", f"{budget:g}"]
     if args.task_kind == "summarization":
         return fl.bart_summarization_flags(
             args.data_bin, save_dir, scheme, threshold, args.arch, args.max_update,
             args.max_tokens, args.lr, args.warmup_updates, args.max_source_positions, seed,
             args.restore_file, cpu=not args.gpu,
             validate_interval_updates=args.validate_interval_updates,
-            extra=(["--fp16"] if args.gpu else []) + shlex.split(args.extra))
+            extra=(["--fp16"] if args.gpu else []) + budget_flags + shlex.split(args.extra))
     warmup = args.warmup_updates if args.warmup_updates is not None else \
         max(1, min(400, args.max_update // 2))
     flags = (fl.translation_recipe(args.data_bin, args.arch, args.lr, warmup)
@@ -247,7 +283,7 @@ def train_flags(args, scheme, threshold, save_dir, seed=None):
              + fl.validation_flags(args.validate_interval_updates) + ["--no-epoch-checkpoints"]
              + fl.device_flags(args.gpu) + ["--seed", str(seed), "--save-dir", str(save_dir)]
              + fl.log_flags(10))
-    return flags + scheme_flags(scheme, threshold) + shlex.split(args.extra)
+    return flags + scheme_flags(scheme, threshold) + budget_flags + shlex.split(args.extra)
 
 
 def env_for(args):
@@ -276,9 +312,10 @@ def records(log, tag):
     return out
 
 
-def layer_shares(rec, prefix):
-    """{'enc0': share, ...} from a json record's ``{prefix}_moe_2x_<layer>`` keys."""
-    key = f"{prefix}_moe_2x_"
+def layer_shares(rec, prefix, metric="moe_2x"):
+    """{'enc0': share, ...} from a json record's ``{prefix}_moe_2x_<layer>`` keys (or another
+    per-layer ``metric``, e.g. the budget's ``moe_thr``)."""
+    key = f"{prefix}_{metric}_"
     return {k[len(key):]: float(v) for k, v in rec.items() if k.startswith(key)}
 
 
@@ -419,11 +456,11 @@ def evaluate(args, run_dir, moe):
     return {name: score(args, run_dir / f"gen-{name}.txt") for name in evals}
 
 
-def run_one(args, name, scheme, threshold, seed=None, base=None):
+def run_one(args, name, scheme, threshold, seed=None, base=None, budget=None):
     seed = args.seed if seed is None else seed
     run_dir = args.out / "runs" / name
     marker = run_dir / "result.json"
-    flags = train_flags(args, scheme, threshold, run_dir, seed)
+    flags = train_flags(args, scheme, threshold, run_dir, seed, budget)
     command = shlex.join(["fairseq-train"] + flags)
     if marker.is_file() and not args.force:
         prev = json.loads(marker.read_text())
@@ -456,7 +493,7 @@ def run_one(args, name, scheme, threshold, seed=None, base=None):
     scores = evaluate(args, run_dir, moe=scheme != "dense")
     result = {
         "name": name, "base": base or name, "seed": seed, "scheme": scheme,
-        "threshold": threshold, "command": command,
+        "threshold": threshold, "budget": budget, "command": command,
         "eval": eval_settings(args), "threads": args.threads, "task_kind": args.task_kind,
         "updates": steps[-1]["update"], "epochs": int(last_train.get("epoch", 0)),
         "train_wall_s": steps[-1]["train_wall_s"], "process_wall_s": process_wall,
@@ -470,6 +507,8 @@ def run_one(args, name, scheme, threshold, seed=None, base=None):
         "valid_moe_2x": float(last_valid["valid_moe_2x"]) if "valid_moe_2x" in last_valid else None,
         "train_moe_ept": ept,
         "train_moe_2x_layers": train_shares,
+        "train_moe_2x_epochs": [float(r["train_moe_2x"]) for r in train if "train_moe_2x" in r],
+        "train_moe_thr_layers": layer_shares(last_train, "train", "moe_thr") or None,
         "valid_moe_2x_layers": layer_shares(last_valid, "valid"),
         "model": cfg, "ctx_len": ctx_len,
     }
@@ -561,7 +600,7 @@ def seed_summary(args, results, ref_name):
     for base in dict.fromkeys(r["base"] for r in results):
         rs = [r for r in results if r["base"] == base]
         lines.append(
-            f"| {base} | {fmt(rs[0]['threshold'], 'g')} | {mean_sd([r['score'] for r in rs], '.2f')} "
+            f"| {base} | {gating_value(rs[0])} | {mean_sd([r['score'] for r in rs], '.2f')} "
             f"| {mean_sd([r['score_top1'] for r in rs], '.2f')} "
             f"| {mean_sd([r['time_vs_ref'] for r in rs], '.2f')} "
             f"| {mean_sd([r['to_target_vs_ref'] for r in rs], '.2f')} "
@@ -569,6 +608,11 @@ def seed_summary(args, results, ref_name):
             f"| {mean_sd([r['train_moe_2x'] for r in rs], '.3f')} "
             f"| {mean_sd([r['flops_vs_ref'] for r in rs], '.2f')} |")
     return lines
+
+
+def gating_value(r):
+    """The T column: the threshold, or a budget run's ``S=<budget>`` (T is the controller's)."""
+    return f"S={r['budget']:g}" if r.get("budget") is not None else fmt(r["threshold"], "g")
 
 
 def render(args, results, target, ref_name, argv):
@@ -599,7 +643,7 @@ def render(args, results, target, ref_name, argv):
         tt_n = fmt(r["to_target_vs_ref"], ".2f", "n/a") + ("x" if r["to_target_vs_ref"] else "")
         share = f"{fmt(r['train_moe_2x'], '.3f')} / {fmt(r['valid_moe_2x'], '.3f')}"
         lines.append(
-            f"| {r['name']} | {fmt(r['threshold'], 'g')} | {r['train_wall_s']:.1f} | "
+            f"| {r['name']} | {gating_value(r)} | {r['train_wall_s']:.1f} | "
             f"{r['time_vs_ref']:.2f}x | {tt_s} | {tt_n} | "
             f"{r['best_valid_loss']:.3f} | {cells(r)} | "
             f"{share} | {r['flops_per_token'] / 1e6:.3f} | "
@@ -664,9 +708,9 @@ def main(argv=None) -> int:
     results = []
     try:
         for seed in seeds:
-            for name, scheme, threshold in runs:
+            for name, scheme, threshold, budget in runs:
                 run = f"{name}-s{seed}" if len(seeds) > 1 else name
-                results.append(run_one(args, run, scheme, threshold, seed, name))
+                results.append(run_one(args, run, scheme, threshold, seed, name, budget))
     except RuntimeError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1

@@ -9,7 +9,9 @@ routed tokens that used 2+ experts, all MoE layers), ``moe_2x_enc0``/``moe_2x_de
 per layer), ``moe_ept`` (expert slots per token: 1.0 = top-1 compute, 2.0 = top-2),
 ``moe_imbalance`` (max expert load / mean expert load, averaged over layers; 1.0 = balanced),
 ``moe_dropped`` (share of wanted slots dropped by a capacity limit; only with a capacity factor),
-``moe_a2a_mb`` (expert parallelism: MB of token rows all ranks sent to other ranks' experts per
+``moe_thr_enc0``/``moe_thr_dec1``... (the layer's threshold T, only under a two-expert budget,
+``--moe-two-expert-budget``, where T changes while training; the token-weighted mean over the
+logged updates), ``moe_a2a_mb`` (expert parallelism: MB of token rows all ranks sent to other ranks' experts per
 update, forward; the backward pass sends as many gradient rows back).
 
 The per-layer sums stay on the device as 0-d tensors in the logging output: reading them in the
@@ -63,6 +65,8 @@ def moe_logging_output(stats: Sequence[MoEStats]) -> Dict[str, object]:
         out[f"moe_slots_{n}"] = slots
         out[f"moe_maxload_{n}"] = max_load_x_e
         out[f"moe_dropped_{n}"] = dropped
+        if s.threshold is not None:  # T x tokens: sums over batches and ranks like the counts
+            out[f"moe_thrsum_{n}"] = s.threshold.float() * tokens
     sent = sum(s.bytes_sent for s in stats)
     if sent:
         out["moe_a2a_bytes"] = float(sent)
@@ -112,3 +116,6 @@ def reduce_moe_metrics(logging_outputs: List[Dict], sample_size: float) -> None:
         metrics.log_scalar("moe_dropped", dropped / wanted, tokens, round=4)
     for n, v in sums.items():
         metrics.log_scalar(f"moe_2x_{n}", v["multi"] / max(v["tokens"], 1), v["tokens"], round=4)
+        if f"moe_thrsum_{n}" in totals and v["tokens"] > 0:
+            metrics.log_scalar(f"moe_thr_{n}", total(f"moe_thrsum_{n}") / v["tokens"], v["tokens"],
+                               round=6)

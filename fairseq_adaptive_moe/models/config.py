@@ -11,11 +11,12 @@ expert-parallel ones by :func:`fairseq_adaptive_moe.distributed.check_args`.
 """
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
 from ..moe import BALANCE_TOKENS, COMBINE_WEIGHTS, EVAL_GATING, GATING_POLICIES, THRESHOLD_PROBS
-from ..moe import GateConfigError, check_gate_config
+from ..moe import BudgetConfig, GateConfigError, check_gate_config
 from .. import distributed
 from ..errors import MoEConfigError  # noqa: F401  (re-exported: models.config.MoEConfigError)
 
@@ -88,6 +89,41 @@ class MoEConfig(FairseqDataclass):
                           "dropless all-to-all; P must divide the expert count and the world "
                           "size; 1 = experts replicated on every rank (default: 1)"},
     )
+    moe_two_expert_budget: Optional[float] = field(
+        default=None,
+        metadata={"help": "compute budget S (0 < S < 1, --moe-gating adaptive): each MoE layer's "
+                          "threshold T is adjusted while training so that the share of its "
+                          "tokens taking 2+ experts tracks S; --moe-threshold is the starting T; "
+                          "T is saved in checkpoints (docs/budget.md) (default: off, T fixed)"},
+    )
+    moe_budget_gain: float = field(
+        default=0.5,
+        metadata={"help": "budget controller: T <- T * exp(gain * e) at each step, e = "
+                          "(S - share) / min(S, 1 - S) clipped to [-1, 1] (default: 0.5)"},
+    )
+    moe_budget_interval: int = field(
+        default=1,
+        metadata={"help": "budget controller: updates per step; the share is measured over "
+                          "them, on all ranks (default: 1)"},
+    )
+    moe_budget_min_threshold: float = field(
+        default=1e-6, metadata={"help": "budget controller: lower bound of T, > 0 (default: 1e-6)"},
+    )
+    moe_budget_max_threshold: float = field(
+        default=1.0,
+        metadata={"help": "budget controller: upper bound of T (1.0: every token may take "
+                          "--moe-max-experts) (default: 1.0)"},
+    )
+    moe_budget_warmup_updates: int = field(
+        default=0,
+        metadata={"help": "budget controller: T stays at --moe-threshold for the first N "
+                          "updates (default: 0)"},
+    )
+    moe_budget_freeze_after: int = field(
+        default=0,
+        metadata={"help": "budget controller: T stops changing after N updates; 0 = never "
+                          "(default: 0)"},
+    )
 
 
 def resolve_balance_tokens(cfg) -> str:
@@ -108,6 +144,25 @@ GATE_OPTION_FLAGS = {
     "capacity_factor": "moe_capacity_factor", "threshold_probs": "moe_threshold_probs",
     "combine_weights": "moe_combine_weights",
 }
+#: BudgetConfig field -> the MoEConfig option that sets it
+BUDGET_FIELDS = {
+    "target": "moe_two_expert_budget", "gain": "moe_budget_gain",
+    "interval": "moe_budget_interval", "min_threshold": "moe_budget_min_threshold",
+    "max_threshold": "moe_budget_max_threshold", "warmup_updates": "moe_budget_warmup_updates",
+    "freeze_after": "moe_budget_freeze_after",
+}
+GATE_OPTION_FLAGS.update({f"budget.{k}": v for k, v in BUDGET_FIELDS.items()})
+
+
+def budget_config(cfg) -> Optional[BudgetConfig]:
+    """The gates' :class:`~fairseq_adaptive_moe.moe.BudgetConfig` from the ``moe_*budget*``
+    options of ``cfg``, or None without ``--moe-two-expert-budget`` (options a config lacks,
+    e.g. one of an older checkpoint, take their defaults)."""
+    if getattr(cfg, "moe_two_expert_budget", None) is None:
+        return None
+    values = {k: getattr(cfg, name, None) for k, name in BUDGET_FIELDS.items()}
+    return BudgetConfig(**{k: MOE_DEFAULTS[BUDGET_FIELDS[k]] if v is None else v
+                           for k, v in values.items()})
 
 
 def set_moe_defaults(args, **arch_defaults) -> None:
@@ -138,7 +193,8 @@ def check_moe_args(args) -> None:
     try:
         check_gate_config(args.moe_expert_count, args.moe_gating, args.moe_threshold,
                           args.moe_max_experts, args.moe_eval_gating, args.moe_capacity_factor,
-                          args.moe_threshold_probs, args.moe_combine_weights)
+                          args.moe_threshold_probs, args.moe_combine_weights,
+                          budget_config(args))
     except GateConfigError as e:
         name = GATE_OPTION_FLAGS[e.option]
         raise MoEConfigError(f"{_flag(name)} {str(e).split(' ', 1)[1]}") from None

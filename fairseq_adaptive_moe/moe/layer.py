@@ -4,11 +4,13 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
 from ..errors import MoEConfigError
 from . import dispatch
+from .budget import BudgetConfig, BudgetConfigError, adjust_threshold, count_tokens
 from .experts import ExpertFFN, autocast_off
 from .losses import BALANCE_TOKENS, balance_loss, z_loss
 from .parallel import expert_parallel_exchange
@@ -32,6 +34,8 @@ class MoEStats:
                        (for analysis tools: experts chosen and gate probabilities per token)
     bytes_sent:        bytes of token rows this rank sent to other ranks (expert parallelism;
                        0 on the local path), the way there only
+    threshold:         ()  the T this forward routed with, when a two-expert budget sets it
+                       (None otherwise)
     """
 
     name: str
@@ -44,6 +48,7 @@ class MoEStats:
     experts_per_token: Tensor
     routing: RoutingDecision
     bytes_sent: int = 0
+    threshold: Optional[Tensor] = None
 
     @property
     def multi_fraction(self) -> Tensor:
@@ -61,21 +66,76 @@ class TopKGate(nn.Module):
 
     ``policy`` routes while training; ``eval_policy`` ("train" = the same) routes otherwise
     (the paper evaluates with top-1).
+
+    ``budget`` (adaptive gating only) makes T a buffer that a controller adjusts so that the share
+    of tokens taking 2+ experts tracks ``budget.target`` (:mod:`.budget`). ``threshold`` is then
+    the starting T. Two buffers hold the state, saved in checkpoints: ``budget_threshold`` (T)
+    and ``budget_counts`` (tokens, multi-expert tokens counted since the last controller step,
+    summed over ranks). The controller steps in :meth:`set_num_updates`, which fairseq calls at
+    the start of every update; other training loops call it with the number of updates done.
+    ``budget_group`` is the process group whose ranks share T (default: all ranks).
     """
 
     def __init__(self, embed_dim: int, num_experts: int, policy: str = "adaptive",
                  threshold: float = 0.1, max_experts: int = 2, eval_policy: str = "train",
                  capacity_factor: float = 0.0, threshold_probs: str = "softmax",
-                 combine_weights: str = "softmax"):
+                 combine_weights: str = "softmax", budget: Optional[BudgetConfig] = None,
+                 budget_group=None):
         super().__init__()
         check_gate_config(num_experts, policy, threshold, max_experts, eval_policy,
-                          capacity_factor, threshold_probs, combine_weights)
+                          capacity_factor, threshold_probs, combine_weights, budget)
         self.wg = nn.Linear(embed_dim, num_experts, bias=False)
         self.num_experts = num_experts
         self.policy, self.eval_policy = policy, eval_policy
         self.threshold, self.max_experts = threshold, max_experts
         self.capacity_factor = capacity_factor
         self.threshold_probs, self.combine_weights = threshold_probs, combine_weights
+        self.budget, self.budget_group = budget, budget_group
+        self._budget_seen: Optional[int] = None  # the update count of the last set_num_updates
+        self._budget_observing = True
+        if budget is not None:
+            self.register_buffer("budget_threshold", torch.tensor(float(threshold)))
+            self.register_buffer("budget_counts", torch.zeros(2))
+
+    def routing_threshold(self):
+        """The T routing uses: the budget's buffer (a 0-d tensor on the device, never read back
+        to the host), else the fixed ``threshold``."""
+        return self.threshold if self.budget is None else self.budget_threshold
+
+    def current_threshold(self) -> float:
+        """T as a number, for reports (reads the buffer back to the host)."""
+        return float(self.routing_threshold())
+
+    def set_num_updates(self, num_updates: int) -> None:
+        """Called with the number of updates done before each training forward (fairseq calls
+        it once per micro-batch; only the first call of an update acts). Once every
+        ``budget.interval`` updates, steps T with the counts gathered since the last step and
+        clears them. Device operations only."""
+        if self.budget is None or num_updates == self._budget_seen:
+            return
+        self._budget_seen = num_updates
+        self._budget_observing = self.budget.observes(num_updates)
+        if num_updates % self.budget.interval:
+            return
+        with torch.no_grad():
+            if self.budget.steps(num_updates):
+                self.budget_threshold.copy_(
+                    adjust_threshold(self.budget_threshold, self.budget_counts, self.budget))
+            self.budget_counts.zero_()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Checkpoints without the budget's buffers (older, upcycled, consolidated before the
+        budget existed, or trained without one) load with T = ``threshold``; a checkpoint's
+        buffers loaded into a gate without a budget are ignored (T is ``--moe-threshold``)."""
+        names = ("budget_threshold", "budget_counts")
+        if self.budget is None:
+            for name in names:
+                state_dict.pop(prefix + name, None)
+        else:
+            state_dict.setdefault(prefix + "budget_threshold", torch.tensor(float(self.threshold)))
+            state_dict.setdefault(prefix + "budget_counts", torch.zeros(2))
+            self._budget_seen = None  # the next set_num_updates steps on the loaded counts
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def active_policy(self) -> str:
         if self.training or self.eval_policy == "train":
@@ -91,12 +151,19 @@ class TopKGate(nn.Module):
     def forward(self, x: Tensor, token_mask: Optional[Tensor] = None) -> RoutingDecision:
         with autocast_off(x.device.type):  # fp32 also under --amp
             logits = nn.functional.linear(x.float(), self.wg.weight.float())  # (S, E) fp32
-        return route(logits, self.active_policy(), self.threshold, self.max_experts, token_mask,
-                     self.threshold_probs, self.combine_weights, self.capacity(x.shape[0]))
+        decision = route(logits, self.active_policy(), self.routing_threshold(), self.max_experts,
+                         token_mask, self.threshold_probs, self.combine_weights,
+                         self.capacity(x.shape[0]))
+        if self.budget is not None and self.training and self._budget_observing:
+            with torch.no_grad():
+                self.budget_counts.add_(count_tokens(decision.used, decision.token_mask,
+                                                     self.budget_group))
+        return decision
 
     def extra_repr(self) -> str:
         return (f"policy={self.policy}, eval_policy={self.eval_policy}, threshold={self.threshold}, "
-                f"max_experts={self.max_experts}, capacity_factor={self.capacity_factor}")
+                f"max_experts={self.max_experts}, capacity_factor={self.capacity_factor}"
+                + ("" if self.budget is None else f", budget={self.budget}"))
 
 
 class GateConfigError(MoEConfigError):
@@ -109,8 +176,10 @@ class GateConfigError(MoEConfigError):
 
 def check_gate_config(num_experts: int, policy: str, threshold: float, max_experts: int,
                       eval_policy: str = "train", capacity_factor: float = 0.0,
-                      threshold_probs: str = "softmax", combine_weights: str = "softmax") -> None:
-    """Raise :class:`GateConfigError` naming the offending option."""
+                      threshold_probs: str = "softmax", combine_weights: str = "softmax",
+                      budget: Optional[BudgetConfig] = None) -> None:
+    """Raise :class:`GateConfigError` naming the offending option (a budget field's error
+    is named ``budget.<field>``, the starting T ``threshold``)."""
     checks = [
         ("num_experts", num_experts >= 1, f"must be >= 1, got {num_experts}"),
         ("policy", policy in GATING_POLICIES, f"must be one of {GATING_POLICIES}, got {policy!r}"),
@@ -133,6 +202,19 @@ def check_gate_config(num_experts: int, policy: str, threshold: float, max_exper
     for option, ok, message in checks:
         if not ok:  # also catches NaN
             raise GateConfigError(option, f"{option} {message}")
+    if budget is None:
+        return
+    if policy != "adaptive":
+        raise GateConfigError("budget.target", f"budget.target needs adaptive gating (a "
+                              f"threshold to adjust), got policy {policy!r}")
+    if max_experts < 2:
+        raise GateConfigError("budget.target", "budget.target needs max_experts >= 2 (no token "
+                              f"can take two experts), got {max_experts}")
+    try:
+        budget.check(threshold)
+    except BudgetConfigError as e:
+        option = "threshold" if e.option == "threshold" else f"budget.{e.option}"
+        raise GateConfigError(option, f"{option} {str(e).split(' ', 1)[1]}") from None
 
 
 class MoELayer(nn.Module):
@@ -189,7 +271,7 @@ class MoELayer(nn.Module):
         per_token = decision.experts_per_token
         mask = decision.token_mask
         if self.gate.capacity_factor > 0:
-            wanted = route(decision.logits, self.gate.active_policy(), self.gate.threshold,
+            wanted = route(decision.logits, self.gate.active_policy(), self.gate.routing_threshold(),
                            self.gate.max_experts, mask, self.gate.threshold_probs).used
             dropped = wanted.sum() - decision.used.sum()
         else:
@@ -204,4 +286,7 @@ class MoELayer(nn.Module):
             dropped_slots=dropped,
             experts_per_token=per_token.view(lead),
             routing=decision,
+            threshold=(self.gate.budget_threshold.detach().clone()
+                       if self.gate.budget is not None and self.gate.active_policy() == "adaptive"
+                       else None),
         )

@@ -31,7 +31,7 @@ Tokens excluded by ``token_mask`` (padding) use no expert and get weight 0.
 """
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +85,7 @@ def candidate_count(policy: str, max_experts: int) -> int:
 def route(
     logits: Tensor,
     policy: str,
-    threshold: float = 0.1,
+    threshold: Union[float, Tensor] = 0.1,
     max_experts: int = 2,
     token_mask: Optional[Tensor] = None,
     threshold_probs: str = "softmax",
@@ -98,7 +98,9 @@ def route(
     * ``top2``: every token uses its first two experts.
     * ``adaptive``: the candidate of rank j <= ``max_experts`` is used iff ``p_1 - p_j <= T``
       (paper §3.1: a token takes two experts iff ``p_1 - p_2 <= T``). T = 0 routes as top-1
-      (up to exact ties), and T >= 1 uses all ``max_experts`` candidates.
+      (up to exact ties), and T >= 1 uses all ``max_experts`` candidates. T may be a 0-d
+      tensor on the logits' device (a two-expert budget's T, :mod:`.budget`): it is compared
+      there, never read back to the host.
 
     ``capacity`` (None = dropless) caps the slots each expert takes. Slots are admitted in
     GShard's priority order, all first choices before any second choice, and in token order

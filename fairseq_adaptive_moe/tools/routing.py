@@ -400,7 +400,7 @@ def run(model, task, dataset, options: RoutingOptions,
     model.eval()
     gate = moe_layers(model)[0][1].gate
     gating = dict(policy=gate.active_policy(), train_gating=gate.policy,
-                  eval_gating=gate.eval_policy, threshold=gate.threshold,
+                  eval_gating=gate.eval_policy, threshold=gate.current_threshold(),
                   max_experts=gate.max_experts, threshold_probs=gate.threshold_probs,
                   combine_weights=gate.combine_weights, capacity_factor=gate.capacity_factor,
                   num_experts=gate.num_experts)

@@ -206,7 +206,9 @@ def upcycle(dense_model, moe_model, noise_std: float = 0.0, gate_init_std: Optio
 
     moe_state = moe_model.state_dict()
     for key, value in moe_state.items():
-        if key not in state:
+        if key.endswith((".gate.budget_threshold", ".gate.budget_counts")):
+            state[key] = value  # a two-expert budget's state starts fresh: T = --moe-threshold
+        elif key not in state:
             raise UpcycleError(f"the MoE model's {key} has no dense counterpart")
         if state[key].shape != value.shape:
             raise UpcycleError(f"{key}: dense shape {tuple(state[key].shape)} != MoE "
