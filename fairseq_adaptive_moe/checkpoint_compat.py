@@ -17,6 +17,16 @@ def _fairseq_checkpoint_types():
     # checkpoints written by fairseq 0.12 hold the argparse Namespace (``args`` and the legacy
     # models' ``cfg.model``); older ones pickled omegaconf containers with their metadata.
     types = [argparse.Namespace, collections.defaultdict, typing.Any]
+    # multi-rank resume: rank 0 loads the checkpoint and fairseq's broadcast_object sends it to
+    # the other ranks as a pickle of its non-tensor part, which they read with torch.load; that
+    # pickle names plain builtin types (omegaconf's metadata holds object_type=dict, ...) and
+    # fairseq's placeholder for the tensors sent separately
+    types += [dict, list, tuple, set, str, int, float, bool, type(None)]
+    try:
+        from fairseq.distributed.utils import _TensorPlaceholder
+        types.append(_TensorPlaceholder)
+    except ImportError:  # no fairseq (the core alone), or one without the placeholder
+        pass
     try:
         from omegaconf import DictConfig, ListConfig
         from omegaconf.base import Box, Container, ContainerMetadata, Metadata, Node

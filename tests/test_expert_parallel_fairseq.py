@@ -21,7 +21,7 @@ import time
 import pytest
 import torch
 
-from conftest import BIN, USER_DIR, run_cli
+from conftest import BIN, MOE_TINY, TINY_TRANSLATION, USER_DIR, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -346,3 +346,17 @@ def test_replicated_shards_match_one_process(m30k_bin, tmp_path):
     reference, merged = model(tmp_path / "one" / "checkpoint_last.pt"), model(tmp_path / "merged.pt")
     gap = max((reference[k] - merged[k]).abs().max().item() for k in reference)
     assert gap <= TOL_PARAM, gap
+
+
+def test_plain_data_parallel_resume_broadcasts_the_checkpoint(m30k_bin, tmp_path):
+    """Without expert parallelism, rank 0 loads checkpoint_last.pt and fairseq broadcasts it to
+    the other ranks, which unpickle it under torch's weights_only loading (fairseq's
+    broadcast_object): the plugin allows the builtin types and fairseq's tensor placeholder that
+    pickle holds, so a two-rank run resumes."""
+    flags = [m30k_bin, *TINY_TRANSLATION, *MOE_TINY, "--ddp-backend", "legacy_ddp",
+             "--save-dir", tmp_path / "ckpt"]
+    torchrun(*flags, "--max-update", "2")
+    log = torchrun(*flags, "--max-update", "4")
+    text = log.stdout + log.stderr
+    assert "Loaded checkpoint" in text and "@ 2 updates" in text
+    assert [int(r["num_updates"]) for r in records(text, "train_inner")] == [3, 4]
