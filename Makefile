@@ -21,10 +21,10 @@ demo: setup
 
 # one thread per worker: the workers already use the cores
 test: setup
-	$(RUN) OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS) $(PYTEST_ARGS)
+	$(RUN) OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS) --dist worksteal $(PYTEST_ARGS)
 
 test-fast: setup
-	$(RUN) OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS) -m "$(FAST)" $(PYTEST_ARGS)
+	$(RUN) OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS) --dist worksteal -m "$(FAST)" $(PYTEST_ARGS)
 
 clean:
 	rm -rf demo-out .pytest_cache

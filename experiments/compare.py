@@ -35,26 +35,24 @@ Per run it records:
   with ``--model-overrides "{'moe_eval_gating': 'top1'}"`` (MoE runs only);
 - the share of two-expert tokens: the last training epoch's ``train_moe_2x`` and the last
   validation's ``valid_moe_2x``, with the per-layer values;
-- forward FLOPs per token, computed from the checkpoint's model config and the routing measured
-  in the last training epoch (see ``flops_per_token``).
+- forward FLOPs per token of the whole model and of its MoE layers alone, from the checkpoint's
+  model config, the data's mean sentence lengths and the routing measured in the last training
+  epoch (``flops_count``).
 
-FLOPs per token (forward, matmuls only; one source token through the encoder plus one target
-token through the decoder; embeddings, the output projection, norms and softmaxes are left out,
-they are the same for every scheme). A linear layer costs 2 x its weights per token. With model
-dim d, FFN dim f, E experts and L the mean training sentence length in tokens (``wpb / bsz``):
+FLOPs: ``fairseq_adaptive_moe.tools.flops`` (its docstring has the formula; docs/computation.md
+explains it). Forward matmuls, a multiply-add is 2 FLOPs, embedding lookups 0; the output
+projection (d x V per target token), attention with the decoder's causal halving, the encoder
+attention's k/v projections once per source token, and per MoE layer ``1 + moe_2x_l`` experts per
+token from the logged per-layer two-expert share (1 for top-1, 2 for top-2; for K > 2 the overall
+``moe_ept``) plus the gate. One sentence pair has ``S`` source tokens (the data-bin's mean
+training source sentence, cut at ``--max-source-positions``) and ``L`` target tokens (``wpb /
+bsz`` of the last training epoch); ``flops_per_token`` is the pair's total over ``S + L``, and
+``flops_moe_layers_per_token`` the FFN sublayers' part of it (experts and gates, or the dense
+FFNs). Both are given against the reference run (``flops_vs_ref``, ``flops_moe_layers_vs_ref``).
 
-- self-attention (and, in decoder layers, encoder attention): ``4 * 2 * d^2`` for the q, k, v and
-  output projections, plus ``2 * 2 * L * d`` for the scores and the weighted sum;
-- dense FFN: ``2 * 2 * d * f``;
-- MoE FFN of layer l: ``ept_l * 2 * 2 * d * f + 2 * d * E``, where ``ept_l`` is the layer's
-  expert slots per token. With at most two experts (K = 2, every scheme here),
-  ``ept_l = 1 + moe_2x_l`` from the logged per-layer two-expert share (1 for top-1, 2 for
-  top-2). For K > 2 the per-layer slots are not logged; the overall ``moe_ept`` is used instead.
-
-Summarization: articles are several times longer than their summaries, so the source length
-``S`` (the mean binarized training article, cut at ``--max-source-positions``) replaces ``L`` in
-the encoder's self-attention and in the decoder's encoder attention, and the total is the mean
-per token of an article and its summary: ``(S * encoder + L * decoder) / (S + L)``.
+The paper's rows beside the table are ``experiments.paper``'s (Table 3 for the task; Table 5 with
+``--sweep``), its MoE rows evaluated with top-1 gating; the quality column under that protocol
+(top-1 evaluation of every MoE run) comes first, the training gating's second.
 
 Writes ``OUT/compare.md`` (the table, the machine and the command), ``OUT/compare.json`` and
 ``OUT/compare.png`` (BLEU, or ROUGE-L, against training time normalised to top-2, or to the
@@ -79,8 +77,11 @@ import sys
 import time
 from pathlib import Path
 
+from fairseq_adaptive_moe.tools import flops as fl_flops
+
 from . import ROOT, child_env, module_argv
 from . import flags as fl
+from . import paper
 from .flags import SCHEMES, USER_DIR, scheme_flags
 
 BUDGET = "budget"
@@ -98,11 +99,20 @@ KIND_DEFAULTS = {
                           min_len=55, lenpen=2.0, no_repeat_ngram_size=3),
 }
 EVAL_KEYS = ("beam", "max_len_b", "min_len", "lenpen", "no_repeat_ngram_size")
-PAPER = [  # paper Table 3, WMT19 de-en (Li et al., EMNLP 2023)
-    {"name": "paper: top-2 (WMT19 de-en)", "bleu": "41.1", "time": "1.00x"},
-    {"name": "paper: adaptive (WMT19 de-en)", "bleu": "41.1", "time": "0.79x"},
-    {"name": "paper: top-1 (WMT19 de-en)", "bleu": "lower than top-2", "time": "-"},
-]
+PAPER_TASK = {"translation": ("translation", "WMT19 de-en"),
+              "summarization": ("summarization", "CNN/DM")}
+
+
+def paper_rows(task_kind):
+    """The paper's Table 3 rows for the task kind (``experiments.paper``), each with a row
+    ``name`` for compare.md and the printed ``time`` / ``flops`` / score (``bleu`` or
+    ``rouge1``), plus ``flops_vs_top2`` from the table."""
+    task, label = PAPER_TASK[task_kind]
+    key = "bleu" if task_kind == "translation" else "rouge1"
+    return [{"name": f"paper: {r['scheme']} ({label})", "scheme": r["scheme"],
+             "time": f"{r['time']:.2f}x", "flops": r["flops"],
+             "flops_vs_top2": round(paper.flops_ratio(task, r["scheme"]), 3),
+             key: f"{r['score']:g}"} for r in paper.table3(task)]
 
 
 class BadInput(Exception):
@@ -336,58 +346,65 @@ def model_config(ckpt):
         "moe_freq": int(get("moe_freq", 0) or 0), "moe_expert_count": int(get("moe_expert_count", 0)),
         "moe_max_experts": int(get("moe_max_experts", 2) or 2),
         "moe_gating": get("moe_gating"), "moe_threshold": get("moe_threshold"),
+        "vocab": checkpoint_vocab(state),
     }
 
 
-def is_moe_layer(index, freq):
-    return freq > 0 and (index + 1) % freq == 0  # as fairseq_adaptive_moe.models.layers
+def checkpoint_vocab(state):
+    """Rows of the decoder's output projection (its tied embedding) in a checkpoint; None if
+    absent."""
+    for key in ("decoder.output_projection.weight", "decoder.embed_tokens.weight"):
+        if key in state.get("model", {}):
+            return int(state["model"][key].shape[0])
+    return None
 
 
-def flops_per_token(cfg, shares, ctx_len, ept=None, src_len=None):
-    """Forward matmul FLOPs per (source + target) token; see the module docstring.
+def dictionary_vocab(args):
+    """The target dictionary's size from the data-bin (fairseq adds 4 specials to dict.*.txt);
+    for runs recorded before the vocabulary was kept with them."""
+    name = "dict.target.txt" if args.task_kind == "summarization" else "dict.en.txt"
+    path = args.data_bin / name
+    if not path.is_file():
+        path = next(iter(sorted(args.data_bin.glob("dict.*.txt"))), None)
+    if path is None:
+        return None
+    return 4 + sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
 
-    ``shares``: per-layer two-expert share, keys ``enc<i>`` / ``dec<i>``; ``ept``: the overall
-    expert slots per token, used only when K > 2; ``src_len`` (summarization): the mean source
-    length, which the encoder and encoder attention span, and the weight of the encoder side.
-    Returns (total, {layer: flops per token of its side}).
-    """
-    per_layer = {}
-    E = cfg["moe_expert_count"]
-    span = {"encoder": [ctx_len if src_len is None else src_len],
-            "decoder": [ctx_len, ctx_len if src_len is None else src_len]}
-    for side in ("encoder", "decoder"):
-        d, f = cfg[f"{side}_embed_dim"], cfg[f"{side}_ffn_embed_dim"]
-        for i in range(cfg[f"{side}_layers"]):
-            name = f"{side[:3]}{i}"
-            attn = sum(4 * 2 * d * d + 2 * 2 * length * d for length in span[side])
-            if is_moe_layer(i, cfg["moe_freq"]):
-                if cfg["moe_max_experts"] <= 2 or ept is None:
-                    slots = 1.0 + shares.get(name, 0.0)
-                else:
-                    slots = ept
-                ffn = slots * 2 * 2 * d * f + 2 * d * E
-            else:
-                ffn = 2 * 2 * d * f
-            per_layer[name] = attn + ffn
-    if src_len is None:
-        return sum(per_layer.values()), per_layer
-    side_total = lambda p: sum(v for k, v in per_layer.items() if k.startswith(p))
-    return (src_len * side_total("enc") + ctx_len * side_total("dec")) / (src_len + ctx_len), per_layer
+
+def flops_count(cfg, shares, ctx_len, src_len, ept=None):
+    """The whole model's forward FLOPs of one sentence pair (``fairseq_adaptive_moe.tools.flops``):
+    ``src_len`` source and ``ctx_len`` target tokens; per MoE layer ``1 + share`` experts per
+    token from ``shares`` (``enc<i>`` / ``dec<i>``), or ``ept`` for every layer when K > 2."""
+    shape = fl_flops.Shape.from_config(cfg)
+    if cfg["moe_max_experts"] <= 2 or ept is None:
+        experts = {f"{side}{i}": 1.0 + shares.get(f"{side}{i}", 0.0)
+                   for side, n in (("enc", shape.encoder_layers), ("dec", shape.decoder_layers))
+                   for i in range(n)}
+    else:
+        experts = ept
+    return fl_flops.forward_flops(shape, src_len, ctx_len, experts)
 
 
 def mean_source_length(args):
-    """Summarization: the mean binarized training article in tokens, cut where
-    ``--truncate-source`` cuts it; None for translation."""
-    if args.task_kind != "summarization":
-        return None
+    """The mean binarized training source sentence in tokens (with its end-of-sentence), cut
+    where ``--truncate-source`` cuts summarization articles; None without a training source."""
     from fairseq.data import data_utils
 
-    dataset = data_utils.load_indexed_dataset(str(args.data_bin / "train.source-target.source"),
-                                              None)
+    if args.task_kind == "summarization":
+        prefix = args.data_bin / "train.source-target.source"
+    else:  # prepare.py's train.de-en.de: fairseq reads train.SRC-TGT.SRC
+        found = sorted(args.data_bin.glob("train.*-*.*.idx"))
+        found = [f for f in found if f.name.split(".")[1].split("-")[0] == f.name.split(".")[2]]
+        if not found:
+            return None
+        prefix = found[0].with_suffix("")
+    dataset = data_utils.load_indexed_dataset(str(prefix), None)
+    if dataset is None:
+        return None
     sizes = [int(n) for n in dataset.sizes]  # read while the memory map is open
     del dataset
-    limit = args.max_source_positions or 1024
-    return float(sum(min(n, limit) for n in sizes) / len(sizes))
+    limit = (args.max_source_positions or 1024) if args.task_kind == "summarization" else None
+    return float(sum(n if limit is None else min(n, limit) for n in sizes) / len(sizes))
 
 
 def generate_child(spec_path):
@@ -440,8 +457,8 @@ def generate_argv(args, checkpoint, gating):
     # (fairseq's batch_by_size drops the last few sentences at its default multiple of 8)
     for key, value in eval_settings(args).items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
-    if gating != "train":
-        argv += ["--model-overrides", repr({"moe_eval_gating": gating})]
+    # named even for "train": the checkpoint's own --moe-eval-gating default may be top1
+    argv += ["--model-overrides", repr({"moe_eval_gating": gating})]
     return argv
 
 
@@ -553,17 +570,26 @@ def fmt(v, spec, none="-"):
     return none if v is None else format(v, spec)
 
 
+def protocol(r, key):
+    """A run's score under the paper's protocol: top-1 evaluation for an MoE run, its only score
+    for the dense one (``key``: ``bleu``, ``rouge`` or ``score``)."""
+    top1 = r.get(f"{key}_top1")
+    return r[key] if top1 is None else top1
+
+
 def quality(args):
-    """(the quality columns' header, a function giving a run's two cells, the scoring sentence)."""
+    """(the quality columns' header, a function giving a run's two cells, the scoring sentence):
+    the paper's protocol (top-1 evaluation of MoE runs) first, the training gating second."""
     settings = ", ".join(f"{k} {v}" for k, v in eval_settings(args).items())
     if args.task_kind == "summarization":
         def cells(r):
             rouge = lambda x: "-" if x is None else "/".join(
                 f"{x[m]:.2f}" for m in ("rouge1", "rouge2", "rougeL"))
-            return f"{rouge(r['rouge'])} | {rouge(r['rouge_top1'])}"
-        return ("ROUGE-1/2/L | ROUGE-1/2/L top-1 eval", cells,
+            return f"{rouge(protocol(r, 'rouge'))} | {rouge(r['rouge'])}"
+        return ("ROUGE-1/2/L, top-1 eval (paper) | ROUGE-1/2/L, training gating", cells,
                 f"ROUGE: F1 x 100 (rouge-score, Porter stemmer) on `{reference(args)}`, {settings}")
-    return ("BLEU | BLEU top-1 eval", lambda r: f"{r['bleu']:.2f} | {fmt(r['bleu_top1'], '.2f')}",
+    return ("BLEU, top-1 eval (paper) | BLEU, training gating",
+            lambda r: f"{protocol(r, 'bleu'):.2f} | {r['bleu']:.2f}",
             f"BLEU: sacreBLEU on `{reference(args)}`, {settings}")
 
 
@@ -574,6 +600,8 @@ def add_ratios(results, ref_name):
         ref = next(x for x in results if x["base"] == ref_name and x["seed"] == r["seed"])
         r["time_vs_ref"] = r["train_wall_s"] / ref["train_wall_s"]
         r["flops_vs_ref"] = r["flops_per_token"] / ref["flops_per_token"]
+        r["flops_moe_layers_vs_ref"] = \
+            r["flops_moe_layers_per_token"] / ref["flops_moe_layers_per_token"]
         r["to_target_vs_ref"] = None if r["to_target"] is None or ref["to_target"] is None else \
             r["to_target"]["train_wall_s"] / ref["to_target"]["train_wall_s"]
 
@@ -595,24 +623,51 @@ def seed_summary(args, results, ref_name):
     metric = results[0]["metric"]
     lines = ["", f"Mean ± sd over seeds {', '.join(map(str, seeds))} (times and FLOPs against "
              f"`{ref_name}` of the same seed):", "",
-             f"| run | T | {metric} | {metric} top-1 eval | time to N updates vs ref | time to "
-             "target vs ref | 2x share train | FLOPs vs ref |", "|---|---|---|---|---|---|---|---|"]
+             f"| run | T | {metric}, top-1 eval (paper) | {metric}, training gating | time to N "
+             "updates vs ref | time to target vs ref | 2x share train | FLOPs vs ref | MoE-layer "
+             "FLOPs vs ref |", "|---|---|---|---|---|---|---|---|---|"]
     for base in dict.fromkeys(r["base"] for r in results):
         rs = [r for r in results if r["base"] == base]
         lines.append(
-            f"| {base} | {gating_value(rs[0])} | {mean_sd([r['score'] for r in rs], '.2f')} "
-            f"| {mean_sd([r['score_top1'] for r in rs], '.2f')} "
+            f"| {base} | {gating_value(rs[0])} "
+            f"| {mean_sd([protocol(r, 'score') for r in rs], '.2f')} "
+            f"| {mean_sd([r['score'] for r in rs], '.2f')} "
             f"| {mean_sd([r['time_vs_ref'] for r in rs], '.2f')} "
             f"| {mean_sd([r['to_target_vs_ref'] for r in rs], '.2f')} "
             f"({sum(r['to_target_vs_ref'] is not None for r in rs)}/{len(rs)} reached) "
             f"| {mean_sd([r['train_moe_2x'] for r in rs], '.3f')} "
-            f"| {mean_sd([r['flops_vs_ref'] for r in rs], '.2f')} |")
+            f"| {mean_sd([r['flops_vs_ref'] for r in rs], '.2f')} "
+            f"| {mean_sd([r['flops_moe_layers_vs_ref'] for r in rs], '.2f')} |")
     return lines
 
 
 def gating_value(r):
     """The T column: the threshold, or a budget run's ``S=<budget>`` (T is the controller's)."""
     return f"S={r['budget']:g}" if r.get("budget") is not None else fmt(r["threshold"], "g")
+
+
+def paper_lines(args, ref_name):
+    """The paper's Table 3 rows under the measured table, and Table 5 after a sweep."""
+    task = PAPER_TASK[args.task_kind][0]
+    share = paper.TEXT_TWO_EXPERT_SHARE.get(task)
+    lines = []
+    for p in paper_rows(args.task_kind):
+        score = p.get("bleu") or f"ROUGE-1 {p['rouge1']}"
+        two = {"dense": "-", "top1": "0", "top2": "1",
+               "adaptive": f"{share:.3f} (text)" if share is not None else ""}[p["scheme"]]
+        ratio = f"{p['flops_vs_top2']:.2f}x" if ref_name == "top2" else ""
+        # the paper's time is to the same loss: under "time to target", norm.
+        lines.append(f"| {p['name']} | {'0.1' if p['scheme'] == 'adaptive' else ''} | | | | "
+                     f"{p['time']} | | {score} | | {two} | {p['flops']} (paper) | {ratio} | |")
+    lines += ["", f"Paper rows: Table 3 ({paper.TASKS[task][0]}), every MoE row evaluated with "
+              "top-1 gating, so it sits in the top-1 column; its time is to the same loss, so it "
+              "sits under time to target; FLOPs vs ref is the table's printed FLOPs over "
+              "top-2's. Where the paper's text disagrees with its table (translation: 25.6% "
+              "less time and 38.2% less FLOPs in the text, 0.79x and 11.5G / 15.9G = 0.72x in the table), the table is used; "
+              "the two-expert share is the text's. The list: `experiments/paper.py`."]
+    if args.sweep is not None:
+        lines += [""] + paper.markdown_table5(task)
+    return lines
 
 
 def render(args, results, target, ref_name, argv):
@@ -626,16 +681,16 @@ def render(args, results, target, ref_name, argv):
         "runs one at a time.", "",
         f"Times are training wall clock (validation excluded), normalised to `{ref_name}`"
         f"{' of the same seed' if len({r['seed'] for r in results}) > 1 else ''}. "
-        f"Target valid loss: {target:.3f}. {scoring}. FLOPs: forward matmul FLOPs "
-        + ("per source + target token" if results[0].get("src_len") is None else
-           f"per token, the mean over an article ({results[0]['src_len']:.1f} tokens) and its "
-           f"summary ({ref['ctx_len']:.1f})")
-        + ", from the config and the measured routing (last training epoch); see "
-        "experiments/compare.py's docstring.", "",
+        f"Target valid loss: {target:.3f}. {scoring}. FLOPs: the whole model's forward matmul "
+        f"FLOPs per token (a multiply-add = 2, embedding lookups 0, output projection included), "
+        f"the mean over a source sentence of {ref['src_len']:.1f} tokens and a target sentence "
+        f"of {ref['ctx_len']:.1f}, from the config and the measured routing (last training "
+        "epoch); MoE-layer FLOPs: the FFN sublayers alone (experts and gate, or the dense FFN); "
+        "formula: `fairseq_adaptive_moe/tools/flops.py`, docs/computation.md.", "",
         "| run | T | time to N updates (s) | norm. | time to target (s, @update) | norm. | "
         f"best valid loss | {header} | 2x share train / valid | MFLOPs/token | "
-        "FLOPs vs ref |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "FLOPs vs ref | MoE-layer FLOPs vs ref |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         tt = r["to_target"]
@@ -647,12 +702,8 @@ def render(args, results, target, ref_name, argv):
             f"{r['time_vs_ref']:.2f}x | {tt_s} | {tt_n} | "
             f"{r['best_valid_loss']:.3f} | {cells(r)} | "
             f"{share} | {r['flops_per_token'] / 1e6:.3f} | "
-            f"{r['flops_vs_ref']:.2f}x |")
-    for p in PAPER if args.task_kind == "translation" else ():
-        lines.append(f"| {p['name']} | | | {p['time']} | | | | {p['bleu']} | | | | |")
-    if args.task_kind == "summarization":
-        lines += ["", "The paper's Table 3 also reports CNN/DailyMail with BART-large on GPUs; "
-                  "this small CPU run is not comparable to it and its numbers are not copied here."]
+            f"{r['flops_vs_ref']:.2f}x | {r['flops_moe_layers_vs_ref']:.2f}x |")
+    lines += paper_lines(args, ref_name)
     if len({r["seed"] for r in results}) > 1:
         lines += seed_summary(args, results, ref_name)
     lines += ["", "Per-layer two-expert share (last training epoch):", "",
@@ -723,9 +774,15 @@ def main(argv=None) -> int:
         first = next((v for v in r["valid"] if v["loss"] <= target), None)
         r["to_target"] = first
         # computed here, not stored with the run, so that a reused run gets today's formula
-        r["src_len"] = src_len
-        r["flops_per_token"], r["flops_per_layer"] = flops_per_token(
-            r["model"], r["train_moe_2x_layers"], r["ctx_len"], r["train_moe_ept"], src_len)
+        if r["model"].get("vocab") is None:  # a run recorded before the vocabulary was kept
+            r["model"]["vocab"] = dictionary_vocab(args)
+        r["src_len"] = src_len if src_len is not None else r["ctx_len"]
+        count = flops_count(r["model"], r["train_moe_2x_layers"], r["ctx_len"], r["src_len"],
+                            r["train_moe_ept"])
+        r["flops_per_token"] = count.per_token
+        r["flops_moe_layers_per_token"] = count.ffn_per_token
+        r["flops_per_layer"] = count.per_layer
+        r["flops_breakdown"] = count.as_dict()
     names = [r["base"] for r in results]
     ref_name = "top2" if "top2" in names else \
         next((r["base"] for r in results if r["scheme"] == "adaptive" and r["threshold"] == 0.1),
@@ -737,7 +794,14 @@ def main(argv=None) -> int:
         "args": {k: str(v) for k, v in vars(args).items()}, "argv": argv,
         "machine": machine(args.gpu), "gpu": args.gpu, "target_valid_loss": target,
         "reference": ref_name,
-        "paper_table3_wmt19_de_en": PAPER if args.task_kind == "translation" else None,
+        "paper_table3_wmt19_de_en": paper_rows("translation")
+        if args.task_kind == "translation" else None,
+        "paper": {"task": PAPER_TASK[args.task_kind][0],
+                  "table3": paper_rows(args.task_kind),
+                  "table5": paper.table5(PAPER_TASK[args.task_kind][0]),
+                  "text_two_expert_share":
+                      paper.TEXT_TWO_EXPERT_SHARE.get(PAPER_TASK[args.task_kind][0]),
+                  "inconsistencies": paper.INCONSISTENCIES},
         "runs": results}, indent=1))
     try:
         plot(results, ref_name, args.out / "compare.png")

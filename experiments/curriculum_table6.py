@@ -35,6 +35,7 @@ from pathlib import Path
 
 from . import ROOT, child_env, module_argv
 from . import flags as fl
+from . import paper
 
 PROG = "curriculum_table6.py"
 BIN = Path(sys.executable).parent
@@ -209,7 +210,9 @@ def table6(args) -> int:
     (args.out / "table6.md").write_text(report)
     (args.out / "table6.json").write_text(json.dumps(
         {"args": {k: str(v) for k, v in vars(args).items()}, "target_valid_loss": target,
-         "runs": results}, indent=1))
+         "runs": results, "as_table6": as_table6(results),
+         "paper_table6": {t: paper.table6(t) for t in ("translation", "summarization")}},
+        indent=1))
     print(report)
     return 0
 
@@ -247,7 +250,33 @@ def render(args, results, target):
     lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     lines += [f"| {label} | " + " | ".join(fmt(results[n]) for n in names) + " |"
               for label, fmt in rows]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [""] + table6_lines(results)) + "\n"
+
+
+def as_table6(results):
+    """The measured figures as the paper's Table 6 gives them: the fairseq-order run (no
+    curriculum) against the curriculum run, training time inflation (to N updates and to the
+    target loss) and the BLEU change."""
+    off, on = results["fairseq order"], results["curriculum"]
+    return {"time_inflation": off["train_wall_s"] / on["train_wall_s"] - 1,
+            "to_target_inflation": off["to_target"]["train_wall_s"]
+            / on["to_target"]["train_wall_s"] - 1,
+            "bleu_change": off["bleu"] - on["bleu"]}
+
+
+def table6_lines(results):
+    m = as_table6(results)
+    row = paper.table6("translation")
+    return ["Without the curriculum, against with it (paper Table 6's terms):", "",
+            "| | training time inflation | BLEU change |", "|---|---|---|",
+            f"| measured, to the last update | {m['time_inflation']:+.1%} | "
+            f"{m['bleu_change']:+.2f} |",
+            f"| measured, to the target loss | {m['to_target_inflation']:+.1%} | |",
+            f"| paper, translation (WMT19, FSMT, 8 GPUs) | +{row['time_inflation']} | "
+            f"{row['score_change']} |",
+            f"| paper, summarization (CNN/DM, BART-Large) | "
+            f"+{paper.table6('summarization')['time_inflation']} | "
+            f"{paper.table6('summarization')['score_change']} (ROUGE-1) |"]
 
 
 if __name__ == "__main__":

@@ -125,8 +125,8 @@ def bart_generate_flags(data_bin, checkpoint, gating: str = "train", subset: str
                         record: Optional[dict] = None, cpu: bool = False, max_tokens: int = 8000,
                         **overrides) -> list:
     """fairseq-generate's arguments with BART's CNN/DM settings (:data:`BART_GENERATION`;
-    ``overrides`` change them), the BPE of the data-bin's ``prepare.json`` ``record`` and, unless
-    ``gating`` is ``train``, ``--model-overrides`` to that gating. ValueError for an unknown one."""
+    ``overrides`` change them), the BPE of the data-bin's ``prepare.json`` ``record`` and
+    ``--model-overrides`` to ``gating`` (``train`` too). ValueError for an unknown one."""
     if gating not in BART_GATINGS:
         raise ValueError(f"unknown gating {gating!r} (choose from {', '.join(BART_GATINGS)})")
     settings = {**BART_GENERATION, **overrides}
@@ -145,7 +145,7 @@ def bart_generate_flags(data_bin, checkpoint, gating: str = "train", subset: str
         args += ["--bpe", "gpt2", "--gpt2-encoder-json", encoder_json, "--gpt2-vocab-bpe", vocab_bpe]
     else:
         args += ["--post-process", "sentencepiece"]
-    if gating != "train":
-        args += ["--model-overrides", repr({"moe_eval_gating": gating})]
+    # named even for "train": the checkpoint's own --moe-eval-gating default may be top1
+    args += ["--model-overrides", repr({"moe_eval_gating": gating})]
     return args + (["--cpu"] if cpu else [])
 

@@ -115,7 +115,8 @@ def same_outputs(dense, moe, task):
 def test_dense_bart_restored_into_moe_reproduces_it(dense_bart, cnndm_bin, gating):
     dense, _, task = load(dense_bart, cnndm_bin)
     moe, _, _ = moe_from_dense(dense_bart, cnndm_bin, moe_gating=gating,
-                            moe_combine_weights="renormalized", moe_threshold=0.2)
+                            moe_combine_weights="renormalized", moe_threshold=0.2,
+                            moe_eval_gating="train")  # eval mode routes as trained
     assert isinstance(moe, AdaptiveMoEBARTModel) and len(moe_layers(moe)) == 4
     dense_state = dense.state_dict()
     for name, layer in moe_layers(moe):

@@ -53,22 +53,53 @@ def test_flops_follow_the_formula(compared):
     assert dense["flops_per_token"] < adaptive["flops_per_token"] <= top2["flops_per_token"]
 
     cfg = adaptive["model"]
-    d, f, E, L = cfg["encoder_embed_dim"], cfg["encoder_ffn_embed_dim"], cfg["moe_expert_count"], \
-        adaptive["ctx_len"]
+    d, f, E, V = cfg["encoder_embed_dim"], cfg["encoder_ffn_embed_dim"], cfg["moe_expert_count"], \
+        cfg["vocab"]
     assert (cfg["encoder_layers"], cfg["decoder_layers"], d, f, E) == (2, 2, 64, 128, 4)
+    assert V > 100  # the checkpoint's output projection
+    S, T = adaptive["src_len"], adaptive["ctx_len"]
+    assert S > 1 and T > 1
     shares = adaptive["train_moe_2x_layers"]
     assert sorted(shares) == ["dec0", "dec1", "enc0", "enc1"]
-    expected = 0.0
-    for layer, share in shares.items():
-        attn = (1 if layer.startswith("enc") else 2) * (8 * d * d + 4 * L * d)
-        expected += attn + (1 + share) * 4 * d * f + 2 * d * E
-    assert adaptive["flops_per_token"] == pytest.approx(expected, rel=1e-9)
-    # top2: two slots everywhere; dense: one FFN, no gate; same ctx length -> same attention cost
-    attn_total = lambda r: sum((1 if k.startswith("enc") else 2) * (8 * d * d + 4 * r["ctx_len"] * d)
-                               for k in ("enc0", "enc1", "dec0", "dec1"))
-    assert top2["flops_per_token"] == pytest.approx(attn_total(top2) + 4 * (8 * d * f + 2 * d * E))
-    assert dense["flops_per_token"] == pytest.approx(attn_total(dense) + 4 * (4 * d * f))
+    # by hand (fairseq_adaptive_moe/tools/flops.py): one sentence pair, per S + T tokens
+    enc_attn = 8 * d * d + 4 * S * d
+    dec_attn = 8 * d * d + 4 * (T + 1) / 2 * d + 4 * d * d + 4 * S * d
+    kv = 4 * d * d * S  # the encoder attention's k, v: per source token
+    moe = lambda layer: (1 + shares[layer]) * 4 * d * f + 2 * d * E
+    ffn = S * (moe("enc0") + moe("enc1")) + T * (moe("dec0") + moe("dec1"))
+    total = 2 * S * enc_attn + 2 * T * dec_attn + 2 * kv + ffn + T * 2 * d * V
+    assert adaptive["flops_per_token"] == pytest.approx(total / (S + T), rel=1e-9)
+    assert adaptive["flops_moe_layers_per_token"] == pytest.approx(ffn / (S + T), rel=1e-9)
+    assert adaptive["flops_breakdown"]["per_sentence"]["output_projection"] == \
+        pytest.approx(T * 2 * d * V)
+    # the MoE layers alone: top-2 has two experts everywhere, dense one FFN and no gate
+    assert dense["flops_moe_layers_vs_ref"] == pytest.approx(
+        (S + T) * 4 * d * f / ((S + T) * (8 * d * f + 2 * d * E)), rel=1e-9)
+    assert dense["flops_moe_layers_vs_ref"] < dense["flops_vs_ref"] < 1
+    assert top2["flops_vs_ref"] == top2["flops_moe_layers_vs_ref"] == 1.0
     assert dense["train_moe_2x_layers"] == {}
+
+
+def test_paper_rows_and_protocol_column_first(compared):
+    out, report = compared
+    md = (out / "compare.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| run | T | time"))
+    assert header.index("BLEU, top-1 eval (paper)") < header.index("BLEU, training gating")
+    assert "MoE-layer FLOPs vs ref" in header and "FLOPs vs ref" in header
+    runs = {r["name"]: r for r in report["runs"]}
+    row = next(line for line in md.splitlines() if line.startswith("| adaptive |"))
+    cells = [c.strip() for c in row.split("|")]
+    adaptive = runs["adaptive"]
+    assert cells[8:10] == [f"{adaptive['bleu_top1']:.2f}", f"{adaptive['bleu']:.2f}"]
+    for scheme, time, flops, bleu in [("dense", "0.87x", "10.6G", "40.9"),
+                                      ("top2", "1.00x", "15.9G", "41.1"),
+                                      ("top1", "1.04x", "10.6G", "39.5"),
+                                      ("adaptive", "0.79x", "11.5G", "41.1")]:
+        line = next(x for x in md.splitlines() if x.startswith(f"| paper: {scheme} (WMT19"))
+        assert time in line and flops in line and bleu in line
+    paper_bleu = [r["bleu"] for r in report["paper_table3_wmt19_de_en"]]
+    assert paper_bleu == ["40.9", "41.1", "39.5", "41.1"]
+    assert report["paper"]["task"] == "translation" and report["paper"]["inconsistencies"]
 
 
 def test_complete_runs_are_reused(compared, capsys):

@@ -43,6 +43,9 @@ def test_lm_trains_resumes_and_evaluates(news_en_bin, tmp_path):
     records = json_records(proc.stdout + proc.stderr)
     assert [int(r["num_updates"]) for r in records] == [1, 2, 3, 4]
     assert all(0 <= float(r["moe_2x_dec0"]) <= 1 and "moe_2x_dec1" in r for r in records)
+    valid = json_records(proc.stdout + proc.stderr, "valid")[-1]  # both validation losses
+    assert {"valid_loss", "valid_ppl", "valid_loss_top1", "valid_ppl_top1"} <= set(valid)
+    assert float(valid["valid_moe_2x"]) > 0  # valid_loss and its routing: the training gating
 
     proc = run_cli("fairseq-train", news_en_bin, *LM_TRAIN, "--save-dir", save, "--max-update", "6")
     log = proc.stdout + proc.stderr
@@ -50,7 +53,7 @@ def test_lm_trains_resumes_and_evaluates(news_en_bin, tmp_path):
     assert [int(r["num_updates"]) for r in json_records(log)] == [5, 6]
 
     ppl = {}
-    for name, extra in (("train", []), ("top1", ["--model-overrides", "{'moe_eval_gating': 'top1'}"])):
+    for name, extra in (("top1", []), ("train", ["--model-overrides", "{'moe_eval_gating': 'train'}"])):
         proc = run_cli("fairseq-eval-lm", news_en_bin, "--user-dir", USER_DIR,
                        "--path", save / "checkpoint_last.pt", "--gen-subset", "test",
                        "--tokens-per-sample", "64", "--cpu", *extra)

@@ -51,13 +51,13 @@ def test_resume_from_checkpoint_last(trained, m30k_bin, tmp_path):
     assert [int(r["num_updates"]) for r in json_records(log)] == [7, 8, 9]
 
 
-def test_generate_as_trained_and_with_top1_override(trained, m30k_bin, tmp_path):
+def test_generate_top1_by_default_and_as_trained_with_override(trained, m30k_bin, tmp_path):
     save, _ = trained
     score = load_script("examples/translation/score.py")
     common = [m30k_bin, "--user-dir", USER_DIR, "--path", save / "checkpoint_last.pt",
               "--gen-subset", "test", "--cpu", "--beam", "2", "--max-len-b", "20",
               "--post-process", "sentencepiece"]
-    for name, extra in (("train", []), ("top1", ["--model-overrides", "{'moe_eval_gating': 'top1'}"])):
+    for name, extra in (("top1", []), ("train", ["--model-overrides", "{'moe_eval_gating': 'train'}"])):
         proc = run_cli("fairseq-generate", *common, *extra)
         assert "BLEU4" in proc.stdout
         out = tmp_path / f"gen-{name}.txt"
@@ -76,22 +76,26 @@ def test_interactive_loads_the_checkpoint(trained, m30k_bin):
 
 
 def test_model_overrides_switch_eval_gating(trained, m30k_bin):
+    """Saved default top1 at inference; --model-overrides 'train' routes as trained (adaptive)."""
     from fairseq import checkpoint_utils
     save, _ = trained
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
-        [str(save / "checkpoint_last.pt")], arg_overrides={"moe_eval_gating": "top1"})
-    model = models[0].eval()
-    assert model.encoder.layers[0].moe.gate.eval_policy == "top1"
-    task.load_dataset("valid")
-    batch = next(iter(task.get_batch_iterator(task.dataset("valid"), max_tokens=500).next_epoch_itr()))
-    with torch.no_grad():
-        _, extra = model(**batch["net_input"])
-    assert len(extra["moe_stats"]) == 4
-    assert all(s.num_multi.item() == 0 for s in extra["moe_stats"])
-    model.train()
-    with torch.no_grad():
-        _, extra = model(**batch["net_input"])
-    assert sum(s.num_multi.item() for s in extra["moe_stats"]) > 0  # training gating: adaptive
+    for override, policy in ((None, "top1"), ("train", "train"), ("top1", "top1")):
+        models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
+            [str(save / "checkpoint_last.pt")],
+            arg_overrides={} if override is None else {"moe_eval_gating": override})
+        model = models[0].eval()
+        assert model.encoder.layers[0].moe.gate.eval_policy == policy
+        task.load_dataset("valid")
+        batch = next(iter(task.get_batch_iterator(task.dataset("valid"), max_tokens=500).next_epoch_itr()))
+        with torch.no_grad():
+            _, extra = model(**batch["net_input"])
+        assert len(extra["moe_stats"]) == 4
+        multi = [s.num_multi.item() for s in extra["moe_stats"]]
+        assert all(m > 0 for m in multi) if policy == "train" else set(multi) == {0}, (policy, multi)
+        model.train()
+        with torch.no_grad():
+            _, extra = model(**batch["net_input"])
+        assert sum(s.num_multi.item() for s in extra["moe_stats"]) > 0  # training gating: adaptive
 
 
 @pytest.mark.parametrize("flags,named", [
@@ -121,7 +125,7 @@ def test_flags_have_help_text():
     for flag in ("--moe-gating", "--moe-threshold", "--moe-max-experts", "--moe-expert-count",
                  "--moe-freq", "--moe-capacity-factor", "--moe-eval-gating",
                  "--moe-balance-loss-weight", "--moe-z-loss-weight", "--moe-expert-parallel-size",
-                 "--moe-balance-tokens", "--moe-init-from-dense"):
+                 "--moe-balance-tokens", "--moe-init-from-dense", "--no-moe-valid-top1"):
         assert flag in text
     assert "p1 - p2 <= --moe-threshold" in text
 
@@ -133,8 +137,11 @@ def _nll_per_update(m30k_bin, save_dir, *flags):
 
 
 def test_threshold_extremes_route_as_top1_and_top2(m30k_bin, tmp_path):
+    # top2 combines renormalised by default (GShard), adaptive with softmax weights: the same
+    # combine weights are stated for T = 1
     top2 = _nll_per_update(m30k_bin, tmp_path / "a", "--moe-gating", "top2")
-    t1 = _nll_per_update(m30k_bin, tmp_path / "b", "--moe-gating", "adaptive", "--moe-threshold", "1.0")
+    t1 = _nll_per_update(m30k_bin, tmp_path / "b", "--moe-gating", "adaptive", "--moe-threshold", "1.0",
+                         "--moe-combine-weights", "renormalized")
     assert len(top2) == 8 and top2 == t1
     top1 = _nll_per_update(m30k_bin, tmp_path / "c", "--moe-gating", "top1")
     t0 = _nll_per_update(m30k_bin, tmp_path / "d", "--moe-gating", "adaptive", "--moe-threshold", "0")

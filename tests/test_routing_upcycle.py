@@ -55,7 +55,7 @@ def dense_ckpt(tiny_dense_run):
 def report(moe_ckpt, m30k_bin, tmp_path_factory):
     out = tmp_path_factory.mktemp("routing") / "report"
     proc = run_cli("adaptive-moe-routing", m30k_bin, "--path", moe_ckpt, "--gen-subset", SPLIT,
-                   "--max-sentences", BATCH, "--out", out, "--cpu")
+                   "--max-sentences", BATCH, "--out", out, "--cpu", "--moe-eval-gating", "train")
     assert re.search(r"adaptive-moe-routing test: +100%.*4/4", proc.stderr)  # the progress bar
     return out, json.loads((out / "summary.json").read_text())
 
@@ -63,7 +63,7 @@ def report(moe_ckpt, m30k_bin, tmp_path_factory):
 def gate_oracle(moe_ckpt, m30k_bin):
     """Per layer: tokens, two-expert tokens and expert load, from each gate's own input with the
     paper's rule written out here (two experts iff p1 - p2 <= T), over the tool's batches."""
-    model, _, task = load(moe_ckpt, m30k_bin)
+    model, _, task = load(moe_ckpt, m30k_bin, moe_eval_gating="train")
     counts = {}
 
     def hook(name):
@@ -151,15 +151,20 @@ def test_plots_and_report_exist(report):
     assert summary["sampled_sentences"]
 
 
-@pytest.mark.parametrize("gating,fraction", [("top1", 0.0), ("top2", 1.0)])
+@pytest.mark.parametrize("gating,fraction", [(None, 0.0), ("top1", 0.0), ("top2", 1.0)])
 def test_eval_gating_override(moe_ckpt, m30k_bin, tmp_path, gating, fraction):
-    out = tmp_path / gating
+    """No flag: the checkpoint's saved --moe-eval-gating, top1 by default (the paper's)."""
+    out = tmp_path / str(gating)
+    flag = [] if gating is None else ["--moe-eval-gating", gating]
     rc = routing_cli.main([str(m30k_bin), "--path", str(moe_ckpt), "--gen-subset", "valid", "--out",
-                       str(out), "--moe-eval-gating", gating, "--cpu", "--no-progress-bar"])
+                           str(out), *flag, "--cpu", "--no-progress-bar"])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["gating"]["policy"] == gating
+    assert summary["gating"]["policy"] == (gating or "top1")
+    assert summary["gating"]["train_gating"] == "adaptive"
     assert all(e["two_expert_fraction"] == fraction for e in summary["layers"])
+    note = "`--moe-eval-gating train` shows the routing the model was trained with"
+    assert (note in (out / "report.md").read_text()) == (gating != "top2")
 
 
 def test_group_words():

@@ -75,8 +75,9 @@ def test_recipe_trains_a_tiny_moe_bart_and_scores_rouge(recipe_run, cnndm_bin):
         assert abs(100 * mean - result["rouge1"]) < 1.5
     md = (ev / "rouge.md").read_text()
     assert "| train |" in md and "| top1 |" in md and "beam 2" in md
-    gen = (ev / "gen-top1.txt").read_text()
-    assert "moe_eval_gating" in gen and "'top1'" in gen  # the override reached fairseq
+    assert md.index("| top1 |") < md.index("| train |")  # the paper's protocol first
+    for gating in ("top1", "train"):  # each override reached fairseq, "as trained" included
+        assert f"'moe_eval_gating': '{gating}'" in (ev / f"gen-{gating}.txt").read_text()
 
 
 def test_score_cli_and_bad_input(recipe_run, cnndm_bin, tmp_path, capsys):
@@ -124,6 +125,9 @@ def test_train_flags_are_the_bart_recipe_and_differ_only_in_gating(tmp_path):
     assert (pairs["--beam"], pairs["--lenpen"], pairs["--max-len-b"], pairs["--min-len"],
             pairs["--no-repeat-ngram-size"]) == ("4", "2.0", "140", "55", "3")
     assert pairs["--model-overrides"] == "{'moe_eval_gating': 'top1'}"
+    gen = recipe.generate_args("DATA", "CKPT", "train")  # as trained: explicit, not the saved default
+    assert gen.count("--model-overrides") == 1
+    assert gen[gen.index("--model-overrides") + 1] == "{'moe_eval_gating': 'train'}"
     restored = recipe.train_flags("DATA", "SAVE", "top1", restore_file="bart.large/model.pt")
     assert {"--restore-file", "--reset-optimizer", "--reset-dataloader"} <= set(restored)
 

@@ -86,14 +86,16 @@ def test_evaluate_both_gatings_with_signature(wmt_bin, trained):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [l for l in proc.stdout.splitlines() if l.startswith("BLEU ")]
     assert len(lines) == 2, proc.stdout
-    assert lines[0].startswith("BLEU test, training gating (adaptive T=0.1): ")
-    assert lines[1].startswith("BLEU test, top-1 gating: ")
+    assert lines[0].startswith("BLEU test, top-1 gating: ")  # the paper's protocol first
+    assert lines[1].startswith("BLEU test, training gating (adaptive T=0.1): ")
     for line in lines:
         assert SIGNATURE.search(line), line
         assert "had no output" not in line  # every newstest2019 line was translated
     out = trained / "adaptive" / "eval-test-checkpoint_last"
-    top1 = (out / "gen-top1.txt").read_text()
-    assert len(re.findall(r"^D-\d+\t", top1, flags=re.M)) == 21
+    for gating in ("top1", "train"):  # each gating passed explicitly, whatever the checkpoint saved
+        text = (out / f"gen-{gating}.txt").read_text()
+        assert len(re.findall(r"^D-\d+\t", text, flags=re.M)) == 21
+        assert f"'moe_eval_gating': '{gating}'" in (out / f"gen-{gating}.log").read_text()
 
 
 def test_evaluate_dense_skips_top1(wmt_bin, trained):

@@ -21,8 +21,10 @@ Flags after ``--`` go to fairseq-train unchanged (``--fp16``, ``--update-freq 4`
 
 ``evaluate`` generates the ``--gen-subset`` summaries with BART's CNN/DM settings (beam 4,
 length penalty 2.0, ``--max-len-b 140``, ``--min-len 55``, ``--no-repeat-ngram-size 3``) under
-each gating of ``--gatings`` (``train`` = as trained; ``top1`` = ``--model-overrides
-"{'moe_eval_gating': 'top1'}"``, the paper's evaluation) and scores ROUGE-1/2/L with
+each gating of ``--gatings``, default ``top1,train``: ``top1`` (``--model-overrides
+"{'moe_eval_gating': 'top1'}"``, the paper's evaluation, first) and ``train`` (as trained,
+``--model-overrides "{'moe_eval_gating': 'train'}"``), each passed explicitly whatever the
+checkpoint saved as its ``--moe-eval-gating``, and scores ROUGE-1/2/L with
 ``score.py``. The BPE is read from ``DATA_BIN/prepare.json`` (sentencepiece, or BART's GPT-2 BPE
 with its files). Writes ``gen-<gating>.txt``, ``rouge-<gating>.json`` and ``rouge.md``.
 
@@ -181,8 +183,9 @@ def parse_args(argv):
     e.add_argument("data_bin", type=Path)
     e.add_argument("checkpoint", type=Path)
     e.add_argument("out", type=Path)
-    e.add_argument("--gatings", default="train,top1",
-                   help="comma-separated: train (as trained), top1, top2, adaptive")
+    e.add_argument("--gatings", default="top1,train",
+                   help="comma-separated, in the order of the table: top1 (the paper's "
+                        "evaluation), train (as trained), top2, adaptive")
     e.add_argument("--gen-subset", default="test")
     e.add_argument("--cpu", action="store_true")
     for key, value in GENERATION.items():

@@ -45,8 +45,8 @@ gen() {  # gen NAME [fairseq-generate args...]
   echo "BLEU ($name gating, test): $("$py" "$here/score.py" "$out/gen-$GATING-$name.txt" "$out/data-bin/raw/test.en")"
 }
 echo "=== demo result: $GATING gating, T=$THRESHOLD, $MAX_UPDATE updates, ${train_s}s of CPU training ==="
-gen train
-gen top1 --model-overrides "{'moe_eval_gating': 'top1'}"
+gen top1 --model-overrides "{'moe_eval_gating': 'top1'}"   # the paper's evaluation (the default)
+gen train --model-overrides "{'moe_eval_gating': 'train'}"
 "$py" - "$out/train-$GATING.log" <<'PY'
 import json, sys
 last = {}

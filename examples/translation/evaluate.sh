@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# sacreBLEU of one checkpoint, under its training gating and under top-1 gating (as the paper
-# evaluates), each printed with sacreBLEU's signature.
+# sacreBLEU of one checkpoint under top-1 gating (the paper's protocol, printed first) and under
+# its training gating, each printed with sacreBLEU's signature. Both gatings are passed explicitly
+# (--model-overrides), so a checkpoint's saved --moe-eval-gating does not matter.
 #
 #   examples/translation/evaluate.sh DATA_BIN CHECKPOINT [more fairseq-generate flags ...]
 #
@@ -76,6 +77,6 @@ if [ "$moe_freq" = 0 ]; then
 else
   trained=$gating
   [ "$gating" = adaptive ] && trained="adaptive T=$threshold"
-  gen train "training gating ($trained)" "$@"
   gen top1 "top-1 gating" "$@" --model-overrides "{'moe_eval_gating': 'top1'}"
+  gen train "training gating ($trained)" "$@" --model-overrides "{'moe_eval_gating': 'train'}"
 fi

@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sentences", "--batch-size", type=int, default=None, dest="max_sentences",
                    help="sentences per batch")
     p.add_argument("--moe-eval-gating", choices=("train", "top1", "top2", "adaptive"), default=None,
-                   help="gating for the analysis (a model override; default: the checkpoint's)")
+                   help="gating for the analysis, a model override (default: the checkpoint's "
+                        "--moe-eval-gating: top1, the paper's evaluation, unless it was trained "
+                        "with another; 'train' shows the routing it was trained with)")
     p.add_argument("--model-overrides", default="{}",
                    help="python dict of model options to override, as in fairseq-generate, e.g. "
                         "\"{'moe_threshold': 0.05}\"")

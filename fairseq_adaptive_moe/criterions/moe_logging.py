@@ -14,19 +14,28 @@ per layer), ``moe_ept`` (expert slots per token: 1.0 = top-1 compute, 2.0 = top-
 logged updates), ``moe_a2a_mb`` (expert parallelism: MB of token rows all ranks sent to other ranks' experts per
 update, forward; the backward pass sends as many gradient rows back).
 
+Validation also logs ``loss_top1`` (and ``nll_loss_top1`` where the criterion logs ``nll_loss``,
+``ppl_top1``): the task loss under top-1 gating, the paper's evaluation, beside ``loss`` under the
+training gating, in the same units (:func:`reduce_top1_metrics`).
+
 The per-layer sums stay on the device as 0-d tensors in the logging output: reading them in the
 forward would stop the host between forward and backward on a GPU. :func:`reduce_moe_metrics`
 reads them once per step, in one transfer.
 """
 
+import math
 from typing import Dict, List, Sequence
 
 import torch
 from torch import Tensor
 
-from fairseq import metrics
+from fairseq import metrics, utils
 
 from ..moe import MoEStats
+
+
+#: the task-loss entries a validation forward under top-1 gating adds, as ``<key>_top1``
+TOP1_KEYS = ("loss", "nll_loss")
 
 
 def moe_auxiliary_loss(stats: Sequence[MoEStats], balance_weight: float, z_weight: float) -> Tensor:
@@ -119,3 +128,26 @@ def reduce_moe_metrics(logging_outputs: List[Dict], sample_size: float) -> None:
         if f"moe_thrsum_{n}" in totals and v["tokens"] > 0:
             metrics.log_scalar(f"moe_thr_{n}", total(f"moe_thrsum_{n}") / v["tokens"], v["tokens"],
                                round=6)
+
+
+def reduce_top1_metrics(logging_outputs: List[Dict]) -> None:
+    """Log ``loss_top1`` / ``nll_loss_top1`` / ``ppl_top1`` when the logging outputs carry the
+    validation losses under top-1 gating, with the scaling fairseq's cross-entropy criterions
+    give ``loss`` / ``nll_loss`` / ``ppl`` (base 2; ``loss`` per ``sample_size`` unit,
+    ``nll_loss`` per token; without ``nll_loss``, per token when ``sample_size`` counts
+    sentences)."""
+    if not any("loss_top1" in log for log in logging_outputs):
+        return
+    totals = _totals(logging_outputs, ["loss_top1", "nll_loss_top1", "sample_size", "ntokens"])
+    sample_size, ntokens = totals["sample_size"], totals["ntokens"]
+    metrics.log_scalar("loss_top1", totals["loss_top1"] / max(sample_size, 1) / math.log(2),
+                       sample_size, round=3)
+    if any("nll_loss_top1" in log for log in logging_outputs):
+        nll = totals["nll_loss_top1"]
+    elif sample_size != ntokens:
+        nll = totals["loss_top1"]
+    else:
+        metrics.log_derived("ppl_top1", lambda meters: utils.get_perplexity(meters["loss_top1"].avg))
+        return
+    metrics.log_scalar("nll_loss_top1", nll / max(ntokens, 1) / math.log(2), ntokens, round=3)
+    metrics.log_derived("ppl_top1", lambda meters: utils.get_perplexity(meters["nll_loss_top1"].avg))

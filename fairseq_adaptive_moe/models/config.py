@@ -22,6 +22,7 @@ from ..errors import MoEConfigError  # noqa: F401  (re-exported: models.config.M
 
 
 BALANCE_TOKENS_CHOICES = ("auto",) + BALANCE_TOKENS
+COMBINE_WEIGHTS_CHOICES = ("auto",) + COMBINE_WEIGHTS
 LOSS_WEIGHTS = ("moe_balance_loss_weight", "moe_z_loss_weight")
 
 
@@ -58,9 +59,12 @@ class MoEConfig(FairseqDataclass):
                           "capacity-limited baselines; drops are counted (default: 0)"},
     )
     moe_eval_gating: ChoiceEnum(EVAL_GATING) = field(
-        default="train",
-        metadata={"help": "gating when not training (validation, generation); 'train' keeps "
-                          "--moe-gating, the paper evaluates with top1 (default: train)"},
+        default="top1",
+        metadata={"help": "gating at inference (fairseq-generate, -interactive, -eval-lm, "
+                          "adaptive-moe-routing): top1, as the paper evaluates; train keeps "
+                          "--moe-gating (at generation time: --model-overrides "
+                          "\"{'moe_eval_gating': 'train'}\"). Validation during training logs "
+                          "valid_loss under --moe-gating and loss_top1 beside it (default: top1)"},
     )
     moe_threshold_probs: ChoiceEnum(THRESHOLD_PROBS) = field(
         default="softmax",
@@ -68,11 +72,13 @@ class MoEConfig(FairseqDataclass):
                           "renormalized over the top-(--moe-max-experts) candidates "
                           "(default: softmax)"},
     )
-    moe_combine_weights: ChoiceEnum(COMBINE_WEIGHTS) = field(
-        default="softmax",
+    moe_combine_weights: ChoiceEnum(COMBINE_WEIGHTS_CHOICES) = field(
+        default="auto",
         metadata={"help": "combine weights: each used expert's softmax probability (Switch; a "
                           "single-expert token gets p1), or renormalized over the used experts "
-                          "(GShard; they sum to 1) (default: softmax)"},
+                          "(GShard, DeepSpeed: they sum to 1); auto: renormalized for "
+                          "--moe-gating top2 (the GShard baseline), softmax otherwise. Saved "
+                          "resolved with the checkpoint (default: auto)"},
     )
     moe_balance_tokens: ChoiceEnum(BALANCE_TOKENS_CHOICES) = field(
         default="auto",
@@ -126,6 +132,16 @@ class MoEConfig(FairseqDataclass):
     )
 
 
+def resolve_combine_weights(cfg) -> str:
+    """``--moe-combine-weights`` with ``auto`` resolved for ``--moe-gating``: top-2 combines as
+    GShard and DeepSpeed do, ``p_j / (p_1 + p_2)``; top-1 (Switch) and adaptive gating keep the
+    softmax probabilities (docs/computation.md)."""
+    weights = getattr(cfg, "moe_combine_weights", None) or "auto"
+    if weights == "auto":
+        return "renormalized" if cfg.moe_gating == "top2" else "softmax"
+    return weights
+
+
 def resolve_balance_tokens(cfg) -> str:
     """``--moe-balance-tokens`` with ``auto`` resolved for ``--moe-gating``."""
     tokens = getattr(cfg, "moe_balance_tokens", "auto")
@@ -166,10 +182,18 @@ def budget_config(cfg) -> Optional[BudgetConfig]:
 
 
 def set_moe_defaults(args, **arch_defaults) -> None:
-    """Fill missing MoE options on an argparse namespace (architecture defaults first)."""
+    """Fill unset MoE options on an argparse namespace or a checkpoint's config (architecture
+    defaults first) and resolve ``--moe-combine-weights auto``.
+
+    At training time this runs on the parsed flags, so the config fairseq saves with the
+    checkpoint holds every option as trained, resolved; a loaded checkpoint's saved values are
+    kept (only unset ones are filled). Every checkpoint of this plugin saves
+    ``moe_eval_gating`` and ``moe_combine_weights`` (both options date from its first
+    version), so one written before their defaults changed keeps ``train`` and ``softmax``."""
     for name, default in {**MOE_DEFAULTS, **arch_defaults}.items():
         if getattr(args, name, None) is None:
             setattr(args, name, default)
+    args.moe_combine_weights = resolve_combine_weights(args)
 
 
 def _flag(name: str) -> str:
@@ -193,7 +217,7 @@ def check_moe_args(args) -> None:
     try:
         check_gate_config(args.moe_expert_count, args.moe_gating, args.moe_threshold,
                           args.moe_max_experts, args.moe_eval_gating, args.moe_capacity_factor,
-                          args.moe_threshold_probs, args.moe_combine_weights,
+                          args.moe_threshold_probs, resolve_combine_weights(args),
                           budget_config(args))
     except GateConfigError as e:
         name = GATE_OPTION_FLAGS[e.option]

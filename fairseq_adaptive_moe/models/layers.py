@@ -17,7 +17,7 @@ from fairseq.modules.transformer_layer import (
 
 from .. import distributed
 from ..moe import ExpertFFN, MoELayer, MoEStats, TopKGate
-from .config import budget_config, resolve_balance_tokens
+from .config import budget_config, resolve_balance_tokens, resolve_combine_weights
 
 
 def is_moe_layer(index: int, moe_freq: int) -> bool:
@@ -40,7 +40,7 @@ def build_moe_layer(cfg, embed_dim: int, ffn_dim: int, name: str) -> MoELayer:
         embed_dim, cfg.moe_expert_count, policy=cfg.moe_gating, threshold=cfg.moe_threshold,
         max_experts=cfg.moe_max_experts, eval_policy=cfg.moe_eval_gating,
         capacity_factor=cfg.moe_capacity_factor, threshold_probs=cfg.moe_threshold_probs,
-        combine_weights=cfg.moe_combine_weights, budget=budget_config(cfg),
+        combine_weights=resolve_combine_weights(cfg), budget=budget_config(cfg),
     )  # a budget's T is shared by every rank (the default group), expert-parallel or not
     activation_dropout = getattr(cfg, "activation_dropout", 0.0) or getattr(cfg, "relu_dropout", 0.0) or 0.0
     ep = distributed.setup(distributed.parallel_size(cfg))  # e.g. a shard given to fairseq-generate raises

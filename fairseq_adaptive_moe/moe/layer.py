@@ -1,8 +1,9 @@
 """The MoE layer: route -> dispatch -> compute -> combine, returning ``(output, MoEStats)``."""
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -215,6 +216,34 @@ def check_gate_config(num_experts: int, policy: str, threshold: float, max_exper
     except BudgetConfigError as e:
         option = "threshold" if e.option == "threshold" else f"budget.{e.option}"
         raise GateConfigError(option, f"{option} {str(e).split(' ', 1)[1]}") from None
+
+
+def gates(module: nn.Module) -> List[TopKGate]:
+    """Every :class:`TopKGate` in ``module`` (itself included), in module order."""
+    return [m for m in module.modules() if isinstance(m, TopKGate)]
+
+
+@contextmanager
+def eval_gating(module: nn.Module, policy: str) -> Iterator[List[TopKGate]]:
+    """Within the block, every gate in ``module`` routes with ``policy`` when not training
+    (``"train"``: each gate's own training policy); afterwards each gets back its own
+    ``eval_policy``. Yields the gates (an empty list for a dense model).
+
+    Validation uses it to compute the loss under the training gating, and under top-1, whatever
+    eval gating the model was built with (the eval policy is otherwise fixed when the model is
+    built, e.g. by ``--moe-eval-gating``). Training-mode forwards are not affected. Raises
+    :class:`GateConfigError` for an unknown policy, or ``top2`` with a one-expert gate."""
+    found = gates(module)
+    for gate in found:
+        check_gate_config(gate.num_experts, gate.policy, gate.threshold, gate.max_experts, policy)
+    saved = [gate.eval_policy for gate in found]
+    try:
+        for gate in found:
+            gate.eval_policy = policy
+        yield found
+    finally:
+        for gate, previous in zip(found, saved):
+            gate.eval_policy = previous
 
 
 class MoELayer(nn.Module):

@@ -7,7 +7,9 @@ Python, :func:`analyse` does what the command does and returns the summary::
 
 Runs a trained ``adaptive_moe_*`` checkpoint over one split of its data, teacher-forced, in eval
 mode and without gradients, and records every MoE layer's routing decision for every non-padding
-token. Writes into ``--out``:
+token. It routes with the checkpoint's ``--moe-eval-gating``: top-1 by default, the paper's
+evaluation, where every token takes one expert; ``overrides={"moe_eval_gating": "train"}``
+(``--moe-eval-gating train``) shows the routing the model was trained with. Writes into ``--out``:
 
 * ``summary.json``: per layer, the tokens routed, how many took 2+ experts, the expert load and
   the histogram of experts per token; the same per side (encoder, decoder) and overall; the
@@ -594,6 +596,9 @@ def write_report(summary: dict, path: Path, command: str) -> None:
         f"{g['num_experts']} experts, threshold probs {g['threshold_probs']}, "
         f"capacity factor {g['capacity_factor']}",
         f"- command: `{command}`",
+        *([f"- top-1 gating (the paper's evaluation): every token takes one expert; "
+           "`--moe-eval-gating train` shows the routing the model was trained with"]
+          if g["policy"] == "top1" and g["train_gating"] != "top1" else []),
         "",
         "## Tokens with 2+ experts per layer",
         "",
