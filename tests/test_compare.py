@@ -158,21 +158,23 @@ def test_gpu_without_cuda_is_one_line(m30k_bin, tmp_path, capsys):
 
 def test_seeds_run_each_scheme_per_seed_and_summarize(m30k_bin, tmp_path):
     out = tmp_path / "out"
-    rc = compare.main(["--data-bin", str(m30k_bin), "--out", str(out), "--schemes", "top2,adaptive",
+    # dense and top1: the cheapest pair (one generation each) exercises the per-seed reference
+    rc = compare.main(["--data-bin", str(m30k_bin), "--out", str(out), "--schemes", "dense,top1",
                        "--seeds", "3,4", "--max-update", "4", "--validate-interval-updates", "2",
                        "--max-tokens", "1500", "--beam", "1", "--max-len-b", "8", "--threads", "1"])
     assert rc == 0
     report = json.loads((out / "compare.json").read_text())
     runs = report["runs"]
-    assert [r["name"] for r in runs] == ["top2-s3", "adaptive-s3", "top2-s4", "adaptive-s4"]
+    assert [r["name"] for r in runs] == ["dense-s3", "top1-s3", "dense-s4", "top1-s4"]
+    assert report["reference"] == "dense"  # no top2 or adaptive run: the first scheme
     for r in runs:
         assert f"--seed {r['seed']}" in r["command"] and r["base"] == r["name"].rsplit("-s", 1)[0]
-        ref = next(x for x in runs if x["base"] == "top2" and x["seed"] == r["seed"])
+        ref = next(x for x in runs if x["base"] == "dense" and x["seed"] == r["seed"])
         assert r["time_vs_ref"] == pytest.approx(r["train_wall_s"] / ref["train_wall_s"])
     md = (out / "compare.md").read_text()
     assert "Mean ± sd over seeds 3, 4" in md
-    row = next(line for line in md.splitlines() if line.startswith("| top2 | "))
-    assert "1.00 ± 0.00" in row  # top2 against itself, seed by seed
+    row = next(line for line in md.splitlines() if line.startswith("| dense | "))
+    assert "1.00 ± 0.00" in row  # the reference against itself, seed by seed
 
 
 @pytest.mark.parametrize("seeds", ["1,x", "2,2", ","])

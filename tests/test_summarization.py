@@ -209,16 +209,22 @@ def test_compare_runner_summarization(cnndm_bin, tmp_path):
     assert (d, f) == (128, 512)
     S, L = a["src_len"], a["ctx_len"]
     assert 100 < S <= 122 and L < S  # articles cut at 120 pieces (+ </s>), summaries shorter
+    # the whole-model count of fairseq_adaptive_moe.tools.flops, written out: a multiply-add is 2
+    # FLOPs; decoder self-attention sees (L + 1) / 2 positions on average; the encoder-decoder
+    # attention's k/v projections run once per source token (here charged per target token)
     per_layer = {}
     for layer, share in a["train_moe_2x_layers"].items():
         attn = 8 * d * d + 4 * S * d if layer.startswith("enc") else \
-            (8 * d * d + 4 * L * d) + (8 * d * d + 4 * S * d)
+            (8 * d * d + 4 * (L + 1) / 2 * d) + (4 * d * d + 4 * S * d) + 4 * d * d * S / L
         per_layer[layer] = attn + (1 + share) * 4 * d * f + 2 * d * E
     assert a["flops_per_layer"] == pytest.approx(per_layer)
     side = lambda p: sum(v for k, v in per_layer.items() if k.startswith(p))
-    assert a["flops_per_token"] == pytest.approx((S * side("enc") + L * side("dec")) / (S + L))
+    output = 2 * d * a["model"]["vocab"]  # per target token
+    assert a["flops_per_token"] == pytest.approx(
+        (S * side("enc") + L * (side("dec") + output)) / (S + L))
     md = (out / "compare.md").read_text()
-    assert "ROUGE-1/2/L" in md and "| adaptive |" in md and "paper: adaptive" not in md
+    assert "ROUGE-1/2/L" in md and "| adaptive |" in md
+    assert "| paper: adaptive (CNN/DM) |" in md and "ROUGE-1 43.3" in md  # Table 3, summarization
     assert (out / "compare.png").stat().st_size > 1000
     log = (out / "runs" / "adaptive" / "train.log").read_text()
     assert {"train_moe_2x_enc0", "train_moe_2x_dec1"} <= set(train_log_records(log, "train")[-1])
