@@ -9,8 +9,6 @@ from typing import Callable
 import pytest
 from filelock import FileLock
 
-import cli_runner
-
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 BIN = Path(sys.executable).parent
@@ -33,15 +31,12 @@ def load_script(relpath: str):
     return module
 
 
-def run_cli(tool: str, *args, cwd=None, check=True, timeout=600, input=None, fresh=False):
-    """Run a console command of this venv (fairseq's or the plugin's); returns the
-    CompletedProcess. Forked from a server that has torch and fairseq imported (see
-    ``cli_runner``): the same command, arguments, directory, environment and exit status;
-    ``fresh=True`` starts a real new process."""
+def run_cli(tool: str, *args, cwd=None, check=True, timeout=600, input=None):
+    """Run a fairseq console script of this venv; returns the CompletedProcess."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     env.setdefault("OMP_NUM_THREADS", "2")  # `make test` sets 1: its workers share the cores
-    proc = cli_runner.run(tool, [str(a) for a in args], cwd=cwd, env=env, timeout=timeout,
-                          input=input, fresh=fresh)
+    proc = subprocess.run([str(BIN / tool), *map(str, args)], cwd=cwd, env=env, text=True,
+                          capture_output=True, timeout=timeout, input=input)
     if check and proc.returncode != 0:
         raise AssertionError(f"{tool} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc

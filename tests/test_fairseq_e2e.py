@@ -120,7 +120,7 @@ def test_bad_flags_fail_cleanly_and_write_nothing(m30k_bin, tmp_path, flags, nam
 @pytest.mark.slow
 def test_flags_have_help_text():
     proc = run_cli("fairseq-train", "--user-dir", USER_DIR, "--arch", "adaptive_moe_transformer",
-                   "--criterion", "adaptive_moe_label_smoothed_cross_entropy", "--help", fresh=True)
+                   "--criterion", "adaptive_moe_label_smoothed_cross_entropy", "--help")
     text = " ".join(proc.stdout.split())
     for flag in ("--moe-gating", "--moe-threshold", "--moe-max-experts", "--moe-expert-count",
                  "--moe-freq", "--moe-capacity-factor", "--moe-eval-gating",

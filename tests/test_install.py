@@ -26,6 +26,5 @@ def test_module_prints_the_package_folder_from_any_directory(tmp_path):
 def test_fairseq_train_finds_the_plugin_through_it(tmp_path):
     folder = user_dir_from(tmp_path)
     proc = run_cli("fairseq-train", "--user-dir", folder, "--task", "translation",
-                   "--arch", "adaptive_moe_transformer_tiny", "--help", cwd=tmp_path,
-                   fresh=True)
+                   "--arch", "adaptive_moe_transformer_tiny", "--help", cwd=tmp_path)
     assert "--moe-gating" in proc.stdout and "--moe-threshold" in proc.stdout

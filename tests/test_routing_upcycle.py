@@ -382,4 +382,4 @@ def test_upcycle_requires_expert_count(dense_ckpt, tmp_path, capsys):
 def test_console_scripts_are_installed():
     assert isinstance(routing_cli.build_parser(), argparse.ArgumentParser)
     for tool in ("adaptive-moe-routing", "adaptive-moe-upcycle"):
-        assert "usage:" in run_cli(tool, "--help", fresh=True).stdout
+        assert "usage:" in run_cli(tool, "--help").stdout
