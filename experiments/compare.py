@@ -17,6 +17,11 @@ gating:
   ``--moe-two-expert-budget S`` (``--budget``, default 0.2; several values give one run each,
   named ``budget-S<S>``), starting from ``--moe-threshold T`` (docs/budget.md).
 
+``--threshold-probs softmax,renormalized`` trains the adaptive scheme once per threshold
+reading (``--moe-threshold-probs``: T compared on the softmax over all experts, or on the
+probabilities renormalized over the top two), named ``adaptive-softmax`` and
+``adaptive-renormalized``; one reading is passed to the adaptive and budget runs.
+
 ``--sweep 0.05,0.1,0.2`` instead trains adaptive gating at each T (Table 5); schemes named with
 ``--schemes`` are then trained as well. Runs go one at a time, each with the same thread count
 (``--threads``, as ``OMP_NUM_THREADS`` and ``torch.set_num_threads``), so their times compare.
@@ -77,6 +82,7 @@ import sys
 import time
 from pathlib import Path
 
+from fairseq_adaptive_moe.moe.routing import THRESHOLD_PROBS
 from fairseq_adaptive_moe.tools import flops as fl_flops
 
 from . import ROOT, child_env, module_argv
@@ -136,6 +142,10 @@ def parse_args(argv=None):
     p.add_argument("--budget", default="0.2",
                    help="the budget scheme's --moe-two-expert-budget S, 0 < S < 1; "
                         "comma-separated: one run per value (0.2)")
+    p.add_argument("--threshold-probs", default=None,
+                   help="--moe-threshold-probs of the adaptive and budget runs: softmax or "
+                        "renormalized; both, comma-separated, train one adaptive run per "
+                        "reading (default: the plugin's default, not passed)")
     p.add_argument("--sweep", default=None,
                    help="comma-separated thresholds: train adaptive gating at each (Table 5)")
     p.add_argument("--arch", default=None, help="default: adaptive_moe_transformer_tiny, "
@@ -214,8 +224,22 @@ def parse_budgets(text):
     return list(dict.fromkeys(budgets))
 
 
+def parse_threshold_probs(text):
+    """The ``--threshold-probs`` readings (None: not given); raises BadInput."""
+    if text is None:
+        return [None]
+    readings = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    for x in readings:
+        if x not in THRESHOLD_PROBS:
+            raise BadInput(f"bad --threshold-probs {x!r} (choose from {', '.join(THRESHOLD_PROBS)})")
+    if not readings:
+        raise BadInput("--threshold-probs needs at least one reading")
+    return readings
+
+
 def plan_runs(args):
-    """[(name, scheme, T or None, S or None)] in run order; raises BadInput."""
+    """[(name, scheme, T or None, S or None, threshold reading or None)] in run order; raises
+    BadInput."""
     if not (args.data_bin / "dict.en.txt").is_file() and not any(args.data_bin.glob("dict.*.txt")):
         raise BadInput(f"no data-bin at {args.data_bin} (run examples/translation/prepare.py "
                        "first)")
@@ -242,19 +266,23 @@ def plan_runs(args):
         if s not in RUN_SCHEMES:
             raise BadInput(f"unknown scheme {s!r} (choose from {', '.join(RUN_SCHEMES)})")
     budgets = parse_budgets(args.budget)
+    readings = parse_threshold_probs(args.threshold_probs)
     runs = []
     for s in dict.fromkeys(schemes):
         if s == BUDGET:
-            runs += [(BUDGET if len(budgets) == 1 else f"budget-S{b:g}", BUDGET, threshold, b)
-                     for b in budgets]
+            runs += [(BUDGET if len(budgets) == 1 else f"budget-S{b:g}", BUDGET, threshold, b,
+                      readings[0]) for b in budgets]
+        elif s == "adaptive":
+            runs += [(s if len(readings) == 1 else f"{s}-{r}", s, threshold, None, r)
+                     for r in readings]
         else:
-            runs.append((s, s, threshold if s == "adaptive" else None, None))
+            runs.append((s, s, None, None, None))
     if args.sweep is not None:
         ts = [parse_threshold(x.strip()) for x in args.sweep.split(",") if x.strip()]
         if not ts:
             raise BadInput("--sweep needs at least one threshold")
-        runs = [r for r in runs if r[0] != "adaptive"]
-        runs += [(f"adaptive-T{t:g}", "adaptive", t, None) for t in dict.fromkeys(ts)]
+        runs = [r for r in runs if r[1] != "adaptive"]
+        runs += [(f"adaptive-T{t:g}", "adaptive", t, None, readings[0]) for t in dict.fromkeys(ts)]
     if not runs:
         raise BadInput("nothing to run")
     return runs
@@ -272,13 +300,15 @@ def parse_seeds(args):
     return seeds
 
 
-def train_flags(args, scheme, threshold, save_dir, seed=None, budget=None):
+def train_flags(args, scheme, threshold, save_dir, seed=None, budget=None, probs=None):
     """The fairseq-train flags of one run; the budget scheme is adaptive gating plus
-    ``--moe-two-expert-budget S``."""
+    ``--moe-two-expert-budget S``; ``probs``: the ``--moe-threshold-probs`` reading, if any."""
     seed = args.seed if seed is None else seed
     budget_flags = []
     if scheme == BUDGET:
         scheme, budget_flags = "adaptive", ["--moe-two-expert-budget", f"{budget:g}"]
+    if probs is not None:
+        budget_flags += ["--moe-threshold-probs", probs]
     if args.task_kind == "summarization":
         return fl.bart_summarization_flags(
             args.data_bin, save_dir, scheme, threshold, args.arch, args.max_update,
@@ -473,18 +503,18 @@ def evaluate(args, run_dir, moe):
     return {name: score(args, run_dir / f"gen-{name}.txt") for name in evals}
 
 
-def run_one(args, name, scheme, threshold, seed=None, base=None, budget=None):
+def run_one(args, name, scheme, threshold, seed=None, base=None, budget=None, probs=None):
     seed = args.seed if seed is None else seed
     run_dir = args.out / "runs" / name
     marker = run_dir / "result.json"
-    flags = train_flags(args, scheme, threshold, run_dir, seed, budget)
+    flags = train_flags(args, scheme, threshold, run_dir, seed, budget, probs)
     command = shlex.join(["fairseq-train"] + flags)
     if marker.is_file() and not args.force:
         prev = json.loads(marker.read_text())
         if prev.get("command") == command and prev.get("eval") == eval_settings(args) \
                 and prev.get("threads") == args.threads:
             print(f"[{name}] complete, reused ({marker})", flush=True)
-            return dict(prev, seed=seed, base=base or name)
+            return dict(prev, seed=seed, base=base or name, threshold_probs=probs)
         print(f"[{name}] settings changed: rerunning", flush=True)
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -510,7 +540,7 @@ def run_one(args, name, scheme, threshold, seed=None, base=None, budget=None):
     scores = evaluate(args, run_dir, moe=scheme != "dense")
     result = {
         "name": name, "base": base or name, "seed": seed, "scheme": scheme,
-        "threshold": threshold, "budget": budget, "command": command,
+        "threshold": threshold, "budget": budget, "threshold_probs": probs, "command": command,
         "eval": eval_settings(args), "threads": args.threads, "task_kind": args.task_kind,
         "updates": steps[-1]["update"], "epochs": int(last_train.get("epoch", 0)),
         "train_wall_s": steps[-1]["train_wall_s"], "process_wall_s": process_wall,
@@ -643,7 +673,9 @@ def seed_summary(args, results, ref_name):
 
 def gating_value(r):
     """The T column: the threshold, or a budget run's ``S=<budget>`` (T is the controller's)."""
-    return f"S={r['budget']:g}" if r.get("budget") is not None else fmt(r["threshold"], "g")
+    value = f"S={r['budget']:g}" if r.get("budget") is not None else fmt(r["threshold"], "g")
+    probs = r.get("threshold_probs")
+    return value if probs is None else f"{value} ({probs})"
 
 
 def paper_lines(args, ref_name):
@@ -759,9 +791,9 @@ def main(argv=None) -> int:
     results = []
     try:
         for seed in seeds:
-            for name, scheme, threshold, budget in runs:
+            for name, scheme, threshold, budget, probs in runs:
                 run = f"{name}-s{seed}" if len(seeds) > 1 else name
-                results.append(run_one(args, run, scheme, threshold, seed, name, budget))
+                results.append(run_one(args, run, scheme, threshold, seed, name, budget, probs))
     except RuntimeError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1

@@ -1,13 +1,14 @@
 import importlib.util
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
 
 import pytest
 from filelock import FileLock
+
+import cli_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -31,12 +32,15 @@ def load_script(relpath: str):
     return module
 
 
-def run_cli(tool: str, *args, cwd=None, check=True, timeout=600, input=None):
-    """Run a fairseq console script of this venv; returns the CompletedProcess."""
+def run_cli(tool: str, *args, cwd=None, check=True, timeout=600, input=None, fresh=False):
+    """Run a console command of this venv (fairseq's or the plugin's); returns the
+    CompletedProcess. The same command, arguments, directory, environment and exit status as a
+    new process, forked from a server that has torch and fairseq imported (``cli_runner``);
+    ``fresh=True`` starts a real new process."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     env.setdefault("OMP_NUM_THREADS", "2")  # `make test` sets 1: its workers share the cores
-    proc = subprocess.run([str(BIN / tool), *map(str, args)], cwd=cwd, env=env, text=True,
-                          capture_output=True, timeout=timeout, input=input)
+    proc = cli_runner.run(tool, [str(a) for a in args], cwd=cwd, env=env, timeout=timeout,
+                          input=input, fresh=fresh)
     if check and proc.returncode != 0:
         raise AssertionError(f"{tool} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc

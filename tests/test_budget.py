@@ -368,8 +368,9 @@ def test_compare_plans_budget_runs(m30k_bin, tmp_path):
     args = compare.parse_args(["--data-bin", str(m30k_bin), "--out", str(tmp_path / "out"),
                                "--schemes", "top2,adaptive,budget", "--budget", "0.15,0.3"])
     runs = compare.plan_runs(args)
-    assert runs == [("top2", "top2", None, None), ("adaptive", "adaptive", 0.1, None),
-                    ("budget-S0.15", "budget", 0.1, 0.15), ("budget-S0.3", "budget", 0.1, 0.3)]
+    assert runs == [("top2", "top2", None, None, None), ("adaptive", "adaptive", 0.1, None, None),
+                    ("budget-S0.15", "budget", 0.1, 0.15, None),
+                    ("budget-S0.3", "budget", 0.1, 0.3, None)]
     flags = compare.train_flags(args, "budget", 0.1, tmp_path / "run", budget=0.15)
     assert flags[flags.index("--moe-gating"):][:6] == [
         "--moe-gating", "adaptive", "--moe-threshold", "0.1", "--moe-two-expert-budget", "0.15"]

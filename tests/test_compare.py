@@ -136,6 +136,27 @@ def test_missing_data_bin(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_threshold_readings_give_one_adaptive_run_each(m30k_bin, tmp_path, capsys):
+    base = ["--data-bin", str(m30k_bin), "--out", str(tmp_path / "out")]
+    args = compare.parse_args(base + ["--schemes", "top2,top1,adaptive",
+                                      "--threshold-probs", "softmax,renormalized"])
+    runs = compare.plan_runs(args)
+    assert [r[0] for r in runs] == ["top2", "top1", "adaptive-softmax", "adaptive-renormalized"]
+    assert [r[4] for r in runs] == [None, None, "softmax", "renormalized"]
+    flags = compare.train_flags(args, "adaptive", 0.1, tmp_path / "run", probs="renormalized")
+    assert flags[flags.index("--moe-threshold-probs") + 1] == "renormalized"
+    assert "--moe-threshold-probs" not in compare.train_flags(args, "top2", None, tmp_path / "r")
+    assert compare.gating_value({"threshold": 0.1, "threshold_probs": "renormalized"}) == \
+        "0.1 (renormalized)"
+    # one reading: the usual run names, the reading passed on
+    args = compare.parse_args(base + ["--schemes", "adaptive", "--threshold-probs", "renormalized"])
+    assert compare.plan_runs(args) == [("adaptive", "adaptive", 0.1, None, "renormalized")]
+    assert compare.main(base + ["--threshold-probs", "softmax,norm"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--threshold-probs 'norm'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_gpu_flag_trains_fp16_and_generates_off_cpu(m30k_bin, tmp_path):
     args = compare.parse_args(["--data-bin", str(m30k_bin), "--out", str(tmp_path), "--gpu"])
     compare.resolve_kind(args)
