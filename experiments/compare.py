@@ -352,6 +352,31 @@ def records(log, tag):
     return out
 
 
+def share_curve(log):
+    """[{"update", "share"}]: the two-expert share of each ``train_inner`` log line (every
+    ``--log-interval`` updates) of a run's train.log; empty for a dense run."""
+    return [{"update": int(r["num_updates"]), "share": float(r["moe_2x"])}
+            for r in records(log, "train_inner") if "moe_2x" in r and "num_updates" in r]
+
+
+def curve_lines(results, points=8):
+    """The two-expert share over training of the threshold-routed runs (adaptive, budget): a
+    table with up to ``points`` columns of logged updates, the last one included."""
+    runs = [r for r in results if r["scheme"] in ("adaptive", BUDGET) and r.get("train_moe_2x_curve")]
+    if not runs:
+        return []
+    updates = sorted({p["update"] for r in runs for p in r["train_moe_2x_curve"]})
+    step = max(1, math.ceil(len(updates) / points))
+    cols = updates[::-1][::step][::-1]
+    lines = ["", "Two-expert share over training (the `train_inner` log lines, every "
+             "`--log-interval` updates; top-2 is 1 and top-1 0 throughout):", "",
+             "| run | " + " | ".join(f"@{u}" for u in cols) + " |", "|---|" + "---|" * len(cols)]
+    for r in runs:
+        at = {p["update"]: p["share"] for p in r["train_moe_2x_curve"]}
+        lines.append(f"| {r['name']} | " + " | ".join(fmt(at.get(u), ".3f") for u in cols) + " |")
+    return lines
+
+
 def layer_shares(rec, prefix, metric="moe_2x"):
     """{'enc0': share, ...} from a json record's ``{prefix}_moe_2x_<layer>`` keys (or another
     per-layer ``metric``, e.g. the budget's ``moe_thr``)."""
@@ -736,6 +761,7 @@ def render(args, results, target, ref_name, argv):
             f"{share} | {r['flops_per_token'] / 1e6:.3f} | "
             f"{r['flops_vs_ref']:.2f}x | {r['flops_moe_layers_vs_ref']:.2f}x |")
     lines += paper_lines(args, ref_name)
+    lines += curve_lines(results)
     if len({r["seed"] for r in results}) > 1:
         lines += seed_summary(args, results, ref_name)
     lines += ["", "Per-layer two-expert share (last training epoch):", "",
@@ -805,6 +831,7 @@ def main(argv=None) -> int:
     for r in results:
         first = next((v for v in r["valid"] if v["loss"] <= target), None)
         r["to_target"] = first
+        r["train_moe_2x_curve"] = share_curve(args.out / "runs" / r["name"] / "train.log")
         # computed here, not stored with the run, so that a reused run gets today's formula
         if r["model"].get("vocab") is None:  # a run recorded before the vocabulary was kept
             r["model"]["vocab"] = dictionary_vocab(args)

@@ -205,3 +205,20 @@ def test_bad_seeds(m30k_bin, tmp_path, capsys, seeds):
     err = capsys.readouterr().err.strip()
     assert "--seeds" in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_share_over_training_is_read_from_the_log_and_tabled(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text("\n".join(
+        f'2026-01-01 00:00:00 | INFO | train_inner | {{"num_updates": "{u}", "moe_2x": "{s}"}}'
+        for u, s in ((10, 0.9), (20, 0.7), (30, 0.5))) + "\n")
+    curve = compare.share_curve(log)
+    assert curve == [{"update": 10, "share": 0.9}, {"update": 20, "share": 0.7},
+                     {"update": 30, "share": 0.5}]
+    runs = [{"name": "adaptive", "scheme": "adaptive", "train_moe_2x_curve": curve},
+            {"name": "top2", "scheme": "top2", "train_moe_2x_curve": [{"update": 10, "share": 1}]}]
+    lines = compare.curve_lines(runs, points=2)
+    assert "| run | @10 | @30 |" in lines  # at most 2 columns, the last update kept
+    assert "| adaptive | 0.900 | 0.500 |" in lines
+    assert not any(line.startswith("| top2") for line in lines)
+    assert compare.curve_lines(runs[1:]) == []
