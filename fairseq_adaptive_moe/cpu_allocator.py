@@ -77,6 +77,4 @@ def configure(environ: Mapping[str, str] = os.environ, cuda: Optional[bool] = No
     if state == "kept":
         logger.info("CPU allocator: freed memory is kept in the process (glibc mallopt; "
                     "%s=0 turns this off)", OPT_OUT)
-    else:
-        logger.debug("CPU allocator: glibc defaults, %s", state)
     return state
