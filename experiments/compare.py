@@ -171,6 +171,10 @@ def parse_args(argv=None):
     p.add_argument("--validate-interval-updates", type=int, default=100)
     p.add_argument("--target-valid-loss", type=float, default=None,
                    help="default: the worst of the runs' best valid losses")
+    p.add_argument("--target-at-update", type=int, default=None,
+                   help="instead of --target-valid-loss: the reference run's (top2's) valid loss "
+                        "at this update (a multiple of --validate-interval-updates, at most "
+                        "--max-update); adding runs then does not move the target")
     p.add_argument("--threads", type=int, default=2, help="CPU threads per run (2)")
     p.add_argument("--gpu", action="store_true",
                    help="train with --fp16 and generate on the GPU (default: CPU, fp32)")
@@ -251,6 +255,14 @@ def plan_runs(args):
                                           or not args.restore_file.is_file()):
         raise BadInput(f"--restore-file {args.restore_file}: " + (
             "not found" if args.task_kind == "summarization" else "summarization only"))
+    if args.target_at_update is not None:
+        if args.target_valid_loss is not None:
+            raise BadInput("--target-at-update and --target-valid-loss: give one of them")
+        n, every = args.target_at_update, args.validate_interval_updates
+        if n <= 0 or n > args.max_update or n % every:
+            raise BadInput(f"--target-at-update {n}: must be a multiple of "
+                           f"--validate-interval-updates ({every}) in [1, --max-update "
+                           f"{args.max_update}]")
     if args.gpu:
         import torch
         if not torch.cuda.is_available():
@@ -304,18 +316,18 @@ def train_flags(args, scheme, threshold, save_dir, seed=None, budget=None, probs
     """The fairseq-train flags of one run; the budget scheme is adaptive gating plus
     ``--moe-two-expert-budget S``; ``probs``: the ``--moe-threshold-probs`` reading, if any."""
     seed = args.seed if seed is None else seed
-    budget_flags = []
+    gating_flags = []  # what the scheme adds to plain adaptive gating
     if scheme == BUDGET:
-        scheme, budget_flags = "adaptive", ["--moe-two-expert-budget", f"{budget:g}"]
+        scheme, gating_flags = "adaptive", ["--moe-two-expert-budget", f"{budget:g}"]
     if probs is not None:
-        budget_flags += ["--moe-threshold-probs", probs]
+        gating_flags += ["--moe-threshold-probs", probs]
     if args.task_kind == "summarization":
         return fl.bart_summarization_flags(
             args.data_bin, save_dir, scheme, threshold, args.arch, args.max_update,
             args.max_tokens, args.lr, args.warmup_updates, args.max_source_positions, seed,
             args.restore_file, cpu=not args.gpu,
             validate_interval_updates=args.validate_interval_updates,
-            extra=(["--fp16"] if args.gpu else []) + budget_flags + shlex.split(args.extra))
+            extra=(["--fp16"] if args.gpu else []) + gating_flags + shlex.split(args.extra))
     warmup = args.warmup_updates if args.warmup_updates is not None else \
         max(1, min(400, args.max_update // 2))
     flags = (fl.translation_recipe(args.data_bin, args.arch, args.lr, warmup)
@@ -323,7 +335,7 @@ def train_flags(args, scheme, threshold, save_dir, seed=None, budget=None, probs
              + fl.validation_flags(args.validate_interval_updates) + ["--no-epoch-checkpoints"]
              + fl.device_flags(args.gpu) + ["--seed", str(seed), "--save-dir", str(save_dir)]
              + fl.log_flags(10))
-    return flags + scheme_flags(scheme, threshold) + budget_flags + shlex.split(args.extra)
+    return flags + scheme_flags(scheme, threshold) + gating_flags + shlex.split(args.extra)
 
 
 def env_for(args):
@@ -802,6 +814,27 @@ def plot(results, ref_name, path):
     plt.close(fig)
 
 
+def target_loss(args, results, ref_name):
+    """The valid loss that "time to target" is measured to: ``--target-valid-loss``; or the
+    reference run's valid loss at ``--target-at-update`` (the mean over seeds, so that every seed's
+    runs share one target); or the worst of the runs' best valid losses."""
+    if args.target_valid_loss is not None:
+        return args.target_valid_loss
+    if args.target_at_update is None:
+        return max(r["best_valid_loss"] for r in results)
+    losses = []
+    for r in results:
+        if r["base"] != ref_name:
+            continue
+        at = [v["loss"] for v in r["valid"] if v["update"] == args.target_at_update]
+        if not at:
+            raise BadInput(f"--target-at-update {args.target_at_update}: run {r['name']} has no "
+                           f"validation at that update (validated at "
+                           f"{[v['update'] for v in r['valid']]})")
+        losses.append(at[0])
+    return sum(losses) / len(losses)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -824,9 +857,15 @@ def main(argv=None) -> int:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
 
-    target = args.target_valid_loss
-    if target is None:
-        target = max(r["best_valid_loss"] for r in results)
+    names = [r["base"] for r in results]
+    ref_name = "top2" if "top2" in names else \
+        next((r["base"] for r in results if r["scheme"] == "adaptive" and r["threshold"] == 0.1),
+             names[0])
+    try:
+        target = target_loss(args, results, ref_name)
+    except BadInput as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
     src_len = mean_source_length(args)
     for r in results:
         first = next((v for v in r["valid"] if v["loss"] <= target), None)
@@ -842,10 +881,6 @@ def main(argv=None) -> int:
         r["flops_moe_layers_per_token"] = count.ffn_per_token
         r["flops_per_layer"] = count.per_layer
         r["flops_breakdown"] = count.as_dict()
-    names = [r["base"] for r in results]
-    ref_name = "top2" if "top2" in names else \
-        next((r["base"] for r in results if r["scheme"] == "adaptive" and r["threshold"] == 0.1),
-             names[0])
     add_ratios(results, ref_name)
     report = render(args, results, target, ref_name, argv)
     (args.out / "compare.md").write_text(report)

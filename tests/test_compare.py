@@ -114,7 +114,29 @@ def test_complete_runs_are_reused(compared, capsys):
     assert (out / "runs" / "top2" / "result.json").read_text() == before
 
 
+def test_target_at_update_is_the_reference_loss_there(compared):
+    out, report = compared
+    base = ["--data-bin", report["args"]["data_bin"], "--out", str(out),
+            "--schemes", "dense,top2,adaptive", "--max-update", "6",
+            "--validate-interval-updates", "3", "--max-tokens", "1500",
+            "--beam", "1", "--max-len-b", "8", "--threads", "1"]
+    assert compare.main(base + ["--target-at-update", "3"]) == 0
+    again = json.loads((out / "compare.json").read_text())
+    runs = {r["name"]: r for r in again["runs"]}
+    top2_at_3 = next(v["loss"] for v in runs["top2"]["valid"] if v["update"] == 3)
+    assert again["target_valid_loss"] == top2_at_3
+    assert runs["top2"]["to_target"]["update"] == 3
+    for r in runs.values():  # the first validation at or below the target, or none
+        first = next((v for v in r["valid"] if v["loss"] <= top2_at_3), None)
+        assert r["to_target"] == first
+    assert f"Target valid loss: {top2_at_3:.3f}" in (out / "compare.md").read_text()
+    assert compare.main(base) == 0  # put the module's report back as it was
+
+
 @pytest.mark.parametrize("extra, message", [
+    (["--target-at-update", "50"], "--target-at-update 50: must be a multiple"),
+    (["--target-at-update", "800"], "--target-at-update 800: must be a multiple"),
+    (["--target-at-update", "100", "--target-valid-loss", "4"], "give one of them"),
     (["--schemes", "top3"], "unknown scheme"),
     (["--threshold", "-0.1"], "bad threshold"),
     (["--threshold", "abc"], "bad threshold"),
