@@ -173,6 +173,8 @@ def summarize(timing: Path, log: Path, skip: int, stop: Optional[int] = None) ->
     step_s = sum(r["step_s"] for r in window)
     moe_fwd = sum(r.get("moe_fwd_ms", 0.0) for r in window)
     moe_bwd = sum(r.get("moe_bwd_ms", 0.0) for r in window)
+    ffn = sum(r.get("moe_fwd_ms", 0.0) + r.get("moe_bwd_ms", 0.0) + r.get("dense_ffn_fwd_ms", 0.0)
+              + r.get("dense_ffn_bwd_ms", 0.0) for r in window)
     inner = [r for r in compare.records(log, "train_inner")
              if skip < int(r.get("num_updates", 0)) <= stop]
     two = [float(r["moe_2x"]) for r in inner if "moe_2x" in r]
@@ -185,6 +187,9 @@ def summarize(timing: Path, log: Path, skip: int, stop: Optional[int] = None) ->
         "moe_fwd_ms": moe_fwd / len(window),
         "moe_bwd_ms": moe_bwd / len(window),
         "moe_share": (moe_fwd + moe_bwd) / (1e3 * step_s),
+        # the FFN sublayers' forward + backward, MoE or dense (fc1 ... fc2): the column that sets
+        # a dense run's FFNs beside an MoE run's layers at equal FLOPs (top-1)
+        "ffn_ms": ffn / len(window),
         "moe_2x": statistics.mean(two) if two else None,
         "moe_2x_first_last": [two[0], two[-1]] if two else None,
     }
@@ -213,16 +218,28 @@ def render(args, results, schemes, argv, stop: int) -> str:
         f"{'GPU --fp16' if args.gpu else 'CPU fp32'}; figures over updates {args.skip + 1}-"
         f"{stop} of each run.{budget}", "",
         f"| scheme | words/s | vs {schemes[0]} | step ms | MoE fwd ms | MoE bwd ms | MoE share "
-        "of step | two-expert tokens |",
-        "|---|---|---|---|---|---|---|---|",
+        "of step | two-expert tokens | FFN sublayers ms (MoE or dense) | FFN time vs dense | "
+        "step vs dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    dense = results.get("dense")
     for s in schemes:
         r = results[s]
+        vs_dense = ["-", "-"]
+        if dense is not None and dense.get("ffn_ms") and r.get("ffn_ms") is not None:
+            vs_dense = [f"{r['ffn_ms'] / dense['ffn_ms']:.2f}x",
+                        f"{r['step_ms'] / dense['step_ms']:.2f}x"]
         lines.append(
             f"| {s}{f', T = {args.threshold:g}' if s == 'adaptive' else ''} | {r['words_per_s']:.0f} "
             f"| {r['words_per_s'] / ref:.2f}x | {r['step_ms']:.1f} | {r['moe_fwd_ms']:.1f} "
             f"| {r['moe_bwd_ms']:.1f} | {100 * r['moe_share']:.0f}% "
-            f"| {pct(r['moe_2x'], '.1f')} |")
+            f"| {pct(r['moe_2x'], '.1f')} | {fmt(r.get('ffn_ms'), '.1f')} | {vs_dense[0]} "
+            f"| {vs_dense[1]} |")
+    if dense is not None:
+        lines += ["", "FFN time vs dense: the MoE layers' forward + backward over the dense "
+                  "model's FFN sublayers (fc1, activation, fc2), per update. At top-1 the FLOPs "
+                  "are equal (plus the gate's), so the ratio is what routing costs on top of "
+                  "them."]
     if results.get("_windows"):
         first, rest = schemes[0], schemes[1:]
         head = (["updates"] + [f"{s} words/s" for s in schemes] + [f"{s} vs {first}" for s in rest]

@@ -6,7 +6,8 @@
 TIMING.jsonl gets one line per update, ``{"update", "step_s", "train_wall_s", "words"}``
 (``words``: target tokens in the update's batches on this rank, fairseq's ``wps`` numerator), and
 one per validation, ``{"update", "valid_loss", "train_wall_s"}``. With ``--moe-timing`` each
-update line also has ``moe_fwd_ms`` and ``moe_bwd_ms``, the time inside the MoE layers
+update line also has ``moe_fwd_ms`` and ``moe_bwd_ms``, the time inside the MoE layers, and
+``dense_ffn_fwd_ms`` and ``dense_ffn_bwd_ms``, inside dense FFN sublayers (fc1 ... fc2)
 (``fairseq_adaptive_moe.moe.MoETimer``; on CUDA it syncs once per update to read its events). ``train_wall_s`` is training wall time
 since the first update, with validation time left out. torch uses ``OMP_NUM_THREADS`` threads
 (default 2), so runs started with the same setting are comparable. Used by
@@ -45,7 +46,9 @@ def main(timing_path, argv, moe_timing=False):
         result = step(self, samples, raise_oom)
         record = {}
         if timer is not None:
-            record["moe_fwd_ms"], record["moe_bwd_ms"] = timer.collect()
+            kinds = timer.collect_by_kind()
+            record["moe_fwd_ms"], record["moe_bwd_ms"] = kinds["moe"]
+            record["dense_ffn_fwd_ms"], record["dense_ffn_bwd_ms"] = kinds["dense_ffn"]
         end = time.perf_counter()
         words = sum(int(s["ntokens"]) for s in samples if s and "ntokens" in s)
         out.write(json.dumps({"update": self.get_num_updates(), "step_s": end - begin,

@@ -27,6 +27,14 @@ def make_layer(num_experts=4, dim=8, ffn=16, policy="adaptive", seed=0, **gate_k
     return MoELayer(gate, experts)
 
 
+@pytest.fixture(params=[True, False], ids=["fold", "bias-add"])
+def fold(request, monkeypatch):
+    """Both ways of applying fc1's bias (``ExpertFFN.folds_bias``): folded into the GEMM (many
+    rows) and added to its output (a few rows)."""
+    monkeypatch.setattr(ExpertFFN, "fold_rows_divisor", 10**9 if request.param else 0)
+    return request.param
+
+
 def reference_moe(layer, x, decision):
     """The per-expert loop (``moe.reference.loop_moe``, also the bench's oracle): the definition
     the fast path must equal."""
@@ -171,6 +179,13 @@ def test_z_loss_matches_formula_and_skips_padding():
 
 # ---- the layer --------------------------------------------------------------------------------
 
+def test_bias_is_folded_for_many_rows_only():
+    experts = ExpertFFN(8, 256, 1024)
+    assert not experts.folds_bias(5)  # one decoding step of one sentence, beam 5
+    assert not experts.folds_bias(511)
+    assert experts.folds_bias(512) and experts.folds_bias(4096)  # training batches
+
+
 def test_one_expert_equals_dense_ffn():
     torch.manual_seed(0)
     dim, ffn = 8, 16
@@ -211,8 +226,9 @@ def test_identity_experts_round_trip():
 
 @pytest.mark.parametrize("trim", [True, False], ids=["trimmed", "static"])
 @pytest.mark.parametrize("policy,threshold", [("top1", 0.1), ("top2", 0.1), ("adaptive", 0.15)])
-def test_fast_path_equals_loop_reference_forward_and_backward(policy, threshold, trim):
+def test_fast_path_equals_loop_reference_forward_and_backward(policy, threshold, trim, fold):
     layer = make_layer(5, 8, 12, policy, threshold=threshold)
+    assert layer.experts.folds_bias(37) == fold
     x = torch.randn(37, 8, requires_grad=True)
     mask = torch.ones(37, dtype=torch.bool)
     mask[[3, 20]] = False
@@ -230,7 +246,7 @@ def test_fast_path_equals_loop_reference_forward_and_backward(policy, threshold,
 
 
 @pytest.mark.parametrize("trim", [True, False], ids=["trimmed", "static"])
-def test_empty_uneven_and_single_row_groups(trim):
+def test_empty_uneven_and_single_row_groups(trim, fold):
     layer = make_layer(6, 8, 12, "top2")
     x = torch.randn(9, 8)
     logits = torch.full((9, 6), -10.0)
@@ -251,7 +267,7 @@ def test_empty_uneven_and_single_row_groups(trim):
 
 
 @pytest.mark.parametrize("block", [1, 3, 7, 18])
-def test_cpu_row_blocks_equal_the_reference(block, monkeypatch):
+def test_cpu_row_blocks_equal_the_reference(block, monkeypatch, fold):
     """Blocks of 1, 3 and 7 rows cut groups in their middle and leave groups out of whole blocks;
     18 rows is all of them in one block."""
     layer = make_layer(6, 8, 12, "top2")

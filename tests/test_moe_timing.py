@@ -121,3 +121,48 @@ def test_timer_without_a_module_removes_its_global_hooks():
         assert timer.collect()[0] > 0
     step(block, x)
     assert timer.collect() == (0, 0)
+
+
+class DenseBlock(nn.Module):
+    """A fairseq-like dense FFN sublayer (``fc1``, activation, ``fc2``) with optional sleeps:
+    one in the backward between fc1 and fc2 (inside the FFN), one before fc1 (outside)."""
+
+    def __init__(self, sleep_inside=0.0, sleep_outside=0.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.pre, self.fc1, self.fc2 = nn.Linear(16, 16), nn.Linear(16, 32), nn.Linear(32, 16)
+        self.sleep_inside, self.sleep_outside = sleep_inside, sleep_outside
+
+    def forward(self, x):
+        h = self.pre(x)
+        if self.sleep_outside:
+            h = _SlowBackward.apply(h, self.sleep_outside)
+        y = torch.relu(self.fc1(h))
+        if self.sleep_inside:
+            y = _SlowBackward.apply(y, self.sleep_inside)
+        return (h + self.fc2(y)).square().sum()
+
+
+@pytest.mark.parametrize("global_hooks", [True, False], ids=["global", "module"])
+def test_dense_ffn_sublayers_are_timed_apart_from_moe_layers(global_hooks):
+    sleep, x = 0.1, torch.randn(40, 16)
+    plain = step(DenseBlock(sleep_inside=sleep), x)
+    inside, outside = DenseBlock(sleep_inside=sleep), DenseBlock(sleep_outside=sleep)
+    with MoETimer(None if global_hooks else inside) as timer:
+        timed = step(inside, x)
+        kinds = timer.collect_by_kind()
+    assert all(torch.equal(a, b) for a, b in zip(plain, timed))
+    assert kinds["moe"] == (0, 0)
+    fwd, bwd = kinds["dense_ffn"]
+    assert fwd > 0 and bwd >= sleep * 1e3
+    assert not inside.fc1._forward_pre_hooks and not inside.fc2._forward_hooks  # removed
+    with MoETimer(None if global_hooks else outside) as timer:
+        step(outside, x)
+        _, bwd_outside = timer.collect_by_kind()["dense_ffn"]
+    assert 0 < bwd_outside < sleep * 1e3 / 2
+    with MoETimer() as timer:  # a model with both: each in its own kind
+        step(Block(), x)
+        step(DenseBlock(), x)
+        kinds = timer.collect_by_kind()
+        assert kinds["moe"][1] > 0 and kinds["dense_ffn"][1] > 0
+        assert timer.collect_by_kind() == {"moe": (0, 0), "dense_ffn": (0, 0)}

@@ -14,15 +14,15 @@ def measured(m30k_bin, tmp_path_factory):
     out = tmp_path_factory.mktemp("throughput") / "out"
     rc = throughput.main(["--data-bin", str(m30k_bin), "--out", str(out), "--max-update", "8",
                           "--skip", "3", "--max-tokens", "1500", "--threads", "1",
-                          "--extra", "--log-interval 1"])
+                          "--schemes", "top2,adaptive,dense", "--extra", "--log-interval 1"])
     assert rc == 0
     return out, json.loads((out / "throughput.json").read_text())
 
 
 def test_every_update_is_timed_with_words_and_moe_time(measured):
     out, report = measured
-    assert report["schemes"] == ["top2", "adaptive"]
-    for scheme in report["schemes"]:
+    assert report["schemes"] == ["top2", "adaptive", "dense"]
+    for scheme in ["top2", "adaptive"]:
         lines = [json.loads(x) for x in (out / "runs" / scheme / "timing.jsonl").read_text().splitlines()]
         assert [r["update"] for r in lines] == list(range(1, 9))
         for r in lines:
@@ -35,6 +35,29 @@ def test_every_update_is_timed_with_words_and_moe_time(measured):
         assert run["words"] == sum(r["words"] for r in window)
         assert run["words_per_s"] == pytest.approx(run["words"] / sum(r["step_s"] for r in window))
         assert 0 < run["moe_share"] < 1
+        assert run["ffn_ms"] == pytest.approx(
+            sum(r["moe_fwd_ms"] + r["moe_bwd_ms"] for r in window) / 5)
+
+
+def test_dense_ffn_time_is_a_column(measured):
+    """The dense run times its FFN sublayers (fc1 ... fc2) where MoE runs time their MoE layers;
+    the table sets each beside the dense one."""
+    out, report = measured
+    lines = [json.loads(x) for x in (out / "runs" / "dense" / "timing.jsonl").read_text().splitlines()]
+    for r in lines:
+        assert r["moe_fwd_ms"] == 0 and r["moe_bwd_ms"] == 0
+        assert r["dense_ffn_fwd_ms"] > 0 and r["dense_ffn_bwd_ms"] > 0
+        assert r["dense_ffn_fwd_ms"] + r["dense_ffn_bwd_ms"] < 1e3 * r["step_s"]
+    dense, top2 = report["runs"]["dense"], report["runs"]["top2"]
+    assert dense["ffn_ms"] == pytest.approx(
+        sum(r["dense_ffn_fwd_ms"] + r["dense_ffn_bwd_ms"] for r in lines[3:]) / 5)
+    md = (out / "throughput.md").read_text()
+    assert "| FFN time vs dense | step vs dense |" in md
+    row = next(x for x in md.splitlines() if x.startswith("| top2 |")).split("|")
+    assert row[-3].strip() == f"{top2['ffn_ms'] / dense['ffn_ms']:.2f}x"
+    assert row[-2].strip() == f"{top2['step_ms'] / dense['step_ms']:.2f}x"
+    dense_row = next(x for x in md.splitlines() if x.startswith("| dense |")).split("|")
+    assert dense_row[-3].strip() == "1.00x"
 
 
 def test_two_expert_share_comes_from_fairseq_logs(measured):
@@ -79,7 +102,7 @@ def test_windows_from_the_finished_runs(measured, m30k_bin):
     """--reuse-runs --windows re-tabulates the runs on disk: no training, windows that add up."""
     out, report = measured
     common = ["--data-bin", str(m30k_bin), "--out", str(out), "--max-update", "8", "--skip", "3",
-              "--max-tokens", "1500", "--threads", "1", "--extra", "--log-interval 1"]
+              "--max-tokens", "1500", "--threads", "1", "--schemes", "top2,adaptive,dense", "--extra", "--log-interval 1"]
     runs_before = {p: p.stat().st_mtime for p in out.glob("runs/*/*")}
     assert throughput.main(common + ["--reuse-runs", "--windows", "3"]) == 0
     assert {p: p.stat().st_mtime for p in out.glob("runs/*/*")} == runs_before  # nothing retrained

@@ -202,18 +202,34 @@ class ExpertFFN(nn.Module):
             return rows.shape[0]
         return max(1, self.cpu_block_bytes // (self.ffn_dim * rows.element_size()))
 
+    def folds_bias(self, num_rows: int) -> bool:
+        """Whether fc1's bias is folded into its GEMM for ``num_rows`` rows. Folding copies all
+        of fc1's weights (E x C x F) to save adding the bias to the (N, F) activations, so it
+        pays for many rows (training batches) and costs most of the layer for a few (one
+        decoding step of one sentence: a handful of rows): below ``E * C / fold_rows_divisor``
+        rows the bias is added instead."""
+        return num_rows * self.fold_rows_divisor >= self.num_experts * self.embed_dim
+
+    fold_rows_divisor = 4
+
     def forward(self, rows: Tensor, plan) -> Tensor:
         """(N, C) expert-sorted rows -> (N, C); rows of unused slots (static plans) are 0."""
         dtype = self.compute_dtype(rows)
         with autocast_off(rows.device.type):
             x = rows.to(dtype)
-            w1 = fold_bias(self.fc1_weight.to(dtype), self.fc1_bias.to(dtype))
+            fold = self.folds_bias(x.shape[0])
+            w1 = self.fc1_weight.to(dtype)
+            b1 = self.fc1_bias.to(dtype)
+            if fold:
+                w1, b1 = fold_bias(w1, b1), None
             w2, b2 = self.fc2_weight.to(dtype), self.fc2_bias.to(dtype)
 
             def ffn(block: Tensor, p) -> Tensor:
-                # unmasked: fc2 never reads rows past the end (one (N, F) pass less each way)
-                h = self.activation_fn(grouped_linear(append_ones(block), w1, p, mask=False))
-                h = F.dropout(h, p=self.activation_dropout, training=self.training)
+                # folded, unmasked: fc2 never reads rows past the end (one (N, F) pass less each
+                # way); an added bias is masked, its gradient sums over every row it was added to
+                h = grouped_linear(append_ones(block) if fold else block, w1, p, b1, mask=not fold)
+                h = F.dropout(self.activation_fn(h), p=self.activation_dropout,
+                              training=self.training)
                 return grouped_linear(h, w2, p, b2)
 
             n, step = x.shape[0], self.block_rows(x, plan)
