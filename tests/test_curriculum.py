@@ -17,7 +17,9 @@ from conftest import BIN, ROOT, USER_DIR, prepare_m30k, run_cli
 from fairseq_adaptive_moe.data.curriculum import (
     ComplexityTracker,
     batch_complexity_spread,
+    curriculum_batches,
     curriculum_order,
+    sample_keys,
     sample_complexity,
     shuffle_in_buckets,
 )
@@ -74,6 +76,45 @@ def test_zero_vectors_lead_and_unseen_samples_come_last_batched_apart():
     assert unseen == [5, 2]              # never seen: last, by (length, id)
     # nothing seen yet: everything is "unseen", in size order
     assert order_of(ComplexityTracker(3), lengths=[3, 1, 2]) == ([], [1, 2, 0])
+
+
+def test_mean_order_puts_the_simpler_first_where_cosine_ignores_magnitude():
+    """The issue's example: anchor [.05, 0, 0, 0]; cosine puts [.9, 0, 0, 0] right after it and
+    ties "5% in every layer" with "100% in every layer"; the mean order does neither."""
+    def layers(*shares):
+        return [(int(round(100 * r)), 100) for r in shares]
+    rows = [layers(.05, 0, 0, 0), layers(.9, 0, 0, 0), layers(.05, .05, .05, .05),
+            layers(1, 1, 1, 1), None]
+    tracker = tracker_from(rows)
+    ids = np.arange(5)
+    cosine = sample_keys(ids, tracker.multi, tracker.tokens, order="cosine")
+    assert cosine[0] == -1 and cosine[1] == pytest.approx(0) and cosine[2] == cosine[3]
+    assert np.isinf(cosine[4])
+    mean = sample_keys(ids, tracker.multi, tracker.tokens, order="mean")
+    assert mean[:4].tolist() == pytest.approx([.0125, .225, .05, 1.0])
+    assert np.isinf(mean[4])
+    assert order_of(tracker)[0] == [0, 1, 2, 3]  # curriculum_order: the paper's cosine order
+    seen, unseen = curriculum_order(ids, tracker.multi, tracker.tokens, order="mean")
+    assert seen.tolist() == [0, 2, 1, 3] and unseen.tolist() == [4]
+    with pytest.raises(ValueError, match="unknown curriculum order"):
+        sample_keys(ids, tracker.multi, tracker.tokens, order="random")
+
+
+def test_windowed_batches_keep_fairseqs_cut_and_order_batches_by_key():
+    """Windows of fairseq batches are re-cut by key (unseen apart), then batches sorted by their
+    mean key, unseen last; window 0 cuts from the global order."""
+    keys = np.array([.9, .1, .5, np.inf, .2, .8, .3, .0])
+    lengths = np.array([5, 5, 6, 6, 7, 7, 8, 8])
+    base = [np.array([0, 1]), np.array([2, 3]), np.array([4, 5]), np.array([6, 7])]
+    pairs = lambda ids: [ids[i:i + 2] for i in range(0, len(ids), 2)]  # noqa: E731
+    got = curriculum_batches(base, keys, lengths, pairs, window=2)
+    # window 1 = samples 0-3 by key: 1 (.1), 2 (.5), 0 (.9), unseen 3; window 2: 7, 4, 6, 5;
+    # seen ones cut as one stream: [1, 2] [0, 7] [4, 6] [5]; then by mean key, unseen last
+    assert [b.tolist() for b in got] == [[4, 6], [1, 2], [0, 7], [5], [3]]
+    assert sorted(np.concatenate(got).tolist()) == list(range(8))
+    whole = curriculum_batches(base, keys, lengths, pairs, window=0)
+    assert [b.tolist() for b in whole] == [[7, 1], [4, 6], [2, 5], [0], [3]]
+    assert curriculum_batches([], keys, lengths, pairs, window=2) == []
 
 
 def test_only_the_epoch_indices_are_ordered():
@@ -203,7 +244,7 @@ def test_switch_off_and_early_epochs_keep_fairseqs_order(tiny_bin):
         task.complexity.update(torch.cat([torch.arange(n).view(-1, 1), multi, tokens], 1))
         return task
 
-    task = with_statistics()
+    task = with_statistics("--moe-curriculum-order", "cosine", "--moe-curriculum-window", "0")
     got = epoch_batches(task, epochs=2)
     assert got[0] == fairseq_order[0]
     dataset = task.dataset("train")
@@ -213,11 +254,68 @@ def test_switch_off_and_early_epochs_keep_fairseqs_order(tiny_bin):
     expected = [tuple(sorted(b)) for g_ in groups if len(g_)
                 for b in dataset.batch_by_size(g_, max_tokens=2000,
                                                required_batch_size_multiple=8)]
-    assert got[1] == expected
+    assert got[1] == expected  # the paper's construction: global cosine order, then cut
     # --moe-curriculum-shuffle buckets: the same batches, shuffled within buckets of 3 steps
-    buckets = epoch_batches(with_statistics("--moe-curriculum-shuffle", "buckets",
+    buckets = epoch_batches(with_statistics("--moe-curriculum-order", "cosine",
+                                            "--moe-curriculum-window", "0",
+                                            "--moe-curriculum-shuffle", "buckets",
                                             "--moe-curriculum-bucket-steps", "3"), epochs=2)
     assert buckets[1] == shuffle_in_buckets(expected, 3, 1, seed=3 + 2) != expected
+
+    # the default: mean order, windows of 4 of fairseq's batches re-cut
+    task = with_statistics()
+    itr = task.get_batch_iterator(task.dataset("train"), max_tokens=2000,
+                                  max_positions=(1024, 1024), ignore_invalid_inputs=True,
+                                  required_batch_size_multiple=8, seed=3, epoch=1)
+    got = [[tuple(sorted(b["id"].tolist())) for b in itr.next_epoch_itr(shuffle=True)]
+           for _ in range(2)]
+    assert got[0] == fairseq_order[0]
+    base = itr.batch_sampler.base_batches(dataset, 1)
+    keys = sample_keys(ids, task.complexity.multi, task.complexity.tokens, order="mean")
+    expected = curriculum_batches(
+        base, keys, dataset.num_tokens_vec(ids),
+        lambda g_: dataset.batch_by_size(g_, max_tokens=2000, required_batch_size_multiple=8), 4)
+    assert got[1] == [tuple(sorted(b.tolist())) for b in expected]
+    means = [keys[list(b)].mean() for b in got[1]]
+    assert means == sorted(means)  # simplest batches first
+
+
+def test_windowed_batches_match_fairseqs_count_and_size(m30k_bin):
+    """On 3,000 Multi30k pairs with random complexities (the worst case: unrelated to length),
+    windows of 4 of fairseq's batches re-cut by complexity (the default) give fairseq's batch
+    count and padded tokens within 8%, and batches twice as alike in complexity as fairseq's;
+    the global cut (window 0) needs many more batches."""
+    task = make_task(m30k_bin, "--task", "adaptive_moe_translation", "--moe-curriculum")
+    dataset = task.dataset("train")
+    n = len(dataset)
+    ids = np.arange(n)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.from_numpy(dataset.num_tokens_vec(ids)).view(-1, 1).repeat(1, 4).long()
+    multi = (tokens * torch.rand(n, 4, generator=g)).long()
+    task.complexity.resize(n)
+    task.complexity.update(torch.cat([torch.arange(n).view(-1, 1), multi, tokens], 1))
+    limits = dict(max_tokens=2048, required_batch_size_multiple=8)
+    with torch.random.fork_rng():
+        order = dataset.ordered_indices()
+    base = dataset.batch_by_size(order, **limits)
+    keys = sample_keys(ids, multi, tokens, order="mean")
+    lengths = dataset.num_tokens_vec(ids)
+
+    def padded_tokens(batches):
+        return sum(len(b) * lengths[b].max() for b in batches)
+
+    for window, within in ((4, 0.08), (0, None)):
+        got = curriculum_batches(base, keys, lengths,
+                                 lambda g_: dataset.batch_by_size(g_, **limits), window)
+        assert sorted(np.concatenate(got).tolist()) == sorted(np.concatenate(base).tolist())
+        ratio = len(got) / len(base)
+        if within is not None:
+            assert abs(ratio - 1) <= within, (len(got), len(base))
+            assert padded_tokens(got) / padded_tokens(base) <= 1 + within
+            spread = batch_complexity_spread(got, multi, tokens)["within_std"]
+            assert spread < 0.6 * batch_complexity_spread(base, multi, tokens)["within_std"]
+        else:
+            assert ratio > 1.2, (len(got), len(base))  # lengths mixed: more, padded batches
 
 
 SPY = r"""
@@ -335,6 +433,8 @@ def test_resume_mid_curriculum_epoch_matches_uninterrupted_run(tiny_bin, tmp_pat
     (["--moe-curriculum-start-epoch", "0"], "--moe-curriculum-start-epoch"),
     (["--moe-curriculum-bucket-steps", "0"], "--moe-curriculum-bucket-steps"),
     (["--moe-curriculum-shuffle", "random"], "--moe-curriculum-shuffle"),
+    (["--moe-curriculum-order", "random"], "--moe-curriculum-order"),
+    (["--moe-curriculum-window", "-1"], "--moe-curriculum-window"),
 ])
 def test_bad_flags_fail_with_one_line(tiny_bin, tmp_path, flags, named):
     save = tmp_path / "never"

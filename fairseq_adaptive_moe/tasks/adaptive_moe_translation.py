@@ -35,11 +35,13 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from ..data.curriculum import (
+    ORDERS,
     SAMPLE_COMPLEXITY_KEY,
     SHUFFLE_MODES,
     ComplexityTracker,
     batch_complexity_spread,
-    curriculum_order,
+    curriculum_batches,
+    sample_keys,
     shuffle_in_buckets,
 )
 from ..errors import MoEConfigError
@@ -65,6 +67,22 @@ class MoECurriculumConfig(FairseqDataclass):
         metadata={"help": "first epoch ordered by complexity; earlier epochs use fairseq's "
                           "order and collect the statistics (default: 2)"},
     )
+    moe_curriculum_order: ChoiceEnum(ORDERS) = field(
+        default="mean",
+        metadata={"help": "how samples are ordered: mean, by the mean over layers of their "
+                          "two-expert share, simplest first; cosine, the paper's §3.2: by the "
+                          "cosine similarity of their complexity vector to the simplest "
+                          "sample's (ignores magnitude) (default: mean)"},
+    )
+    moe_curriculum_window: int = field(
+        default=4,
+        metadata={"help": "fairseq batches pooled and re-sorted by complexity together before "
+                          "cutting: batches keep fairseq's length bucketing, so their count and "
+                          "padded tokens stay within a few percent of fairseq's (more makes "
+                          "batches more alike and adds padding); 0 orders all samples at once "
+                          "and cuts batches from that order (the paper's construction; mixes "
+                          "lengths: about 1.6x fairseq's batches) (default: 4)"},
+    )
     moe_curriculum_shuffle: ChoiceEnum(SHUFFLE_MODES) = field(
         default="none",
         metadata={"help": "after ordering: none keeps the complexity order (the paper); buckets "
@@ -83,6 +101,9 @@ class MoECurriculumConfig(FairseqDataclass):
             value = getattr(self, name)
             if isinstance(value, int) and value < 1:
                 raise MoEConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        window = self.moe_curriculum_window
+        if isinstance(window, int) and window < 0:
+            raise MoEConfigError(f"--moe-curriculum-window must be >= 0, got {window}")
 
 
 @dataclass
@@ -90,14 +111,14 @@ class AdaptiveMoETranslationConfig(TranslationConfig, MoECurriculumConfig):
     """fairseq's ``TranslationConfig`` plus the ``moe_curriculum*`` options."""
 
 
-def _at_least_one():
+def _at_least(low: int):
     def parse(text):
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
         return value
     return parse
 
@@ -114,7 +135,9 @@ class AdaptiveMoETranslationTask(TranslationTask):
         # bad values: one argparse "error:" line, before fairseq writes anything
         for action in parser._actions:
             if action.dest in ("moe_curriculum_start_epoch", "moe_curriculum_bucket_steps"):
-                action.type = _at_least_one()
+                action.type = _at_least(1)
+            elif action.dest == "moe_curriculum_window":
+                action.type = _at_least(0)
 
     @classmethod
     def setup_task(cls, cfg, **kwargs):
@@ -235,13 +258,21 @@ class CurriculumBatchSampler:
             lengths = dataset.num_tokens_vec(indices)
         except NotImplementedError:
             lengths = np.array([dataset.num_tokens(i) for i in indices], dtype=np.int64)
-        groups = curriculum_order(indices, self.tracker.multi, self.tracker.tokens, lengths)
-        batches = [b for g in groups if len(g) for b in dataset.batch_by_size(g, **self.limits)]
+        order, window = self.cfg.moe_curriculum_order, self.cfg.moe_curriculum_window
+        keys = np.full(len(dataset), np.inf)
+        keys[indices] = sample_keys(indices, self.tracker.multi, self.tracker.tokens, lengths,
+                                    order)
+        length_of = np.zeros(len(dataset), np.int64)
+        length_of[indices] = lengths
+        batches = curriculum_batches(
+            self._base_batches, keys, length_of,
+            lambda ids: dataset.batch_by_size(ids, **self.limits), window)
         shuffle = self.cfg.moe_curriculum_shuffle
         if shuffle == "buckets":
             batches = shuffle_in_buckets(batches, self.cfg.moe_curriculum_bucket_steps,
                                          self.num_shards, self.seed + epoch)
-        self._log(epoch, batches, f"active, ordered by complexity, shuffle {shuffle}")
+        self._log(epoch, batches, f"active, ordered by complexity ({order}, window {window}), "
+                  f"shuffle {shuffle}; fairseq's batches: {len(self._base_batches)}")
         return batches
 
     def _log(self, epoch, batches, what):
