@@ -382,6 +382,9 @@ def test_two_gloo_ranks_compute_the_same_order(tiny_bin, tmp_path):
     assert orders[0] == orders[1]  # same statistics (digest) and same batches on both ranks
     assert "active, ordered by complexity" in curriculum_lines(logs[0])[-1]
     assert "seen 600/600" in curriculum_lines(logs[0])[-1]  # each rank saw half, merged
+    # the ranks' MoE work per update, busiest over mean, in fairseq's own log records
+    imbalance = [float(r["moe_rank_imbalance"]) for r in train_records(logs[0]).values()]
+    assert imbalance and all(1.0 <= x < 2.0 for x in imbalance)
 
     # sharded after ordering: at step k of epoch 2, rank r trains batch 2k + r of the order
     first, second = orders[0][0]["batches"], orders[0][1]["batches"]

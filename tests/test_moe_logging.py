@@ -37,3 +37,31 @@ def test_reduce_reads_tensors_and_derives_ratios():
     assert values["moe_2x_enc0"] == pytest.approx(round(enc_multi / 90, 4))
     assert values["moe_loss"] == pytest.approx(0.5)
     assert isinstance(values["moe_2x"], float)
+
+
+def test_rank_imbalance_travels_with_fairseqs_reduction(monkeypatch):
+    """Each rank fills its own ``moe_rankslots_r<rank>`` key (zeros under the others'); fairseq
+    sums logging outputs key by key over ranks; the reduction derives the busiest rank's slots
+    over the mean. One rank: no keys, no figure."""
+    from fairseq.distributed import utils as distributed_utils
+
+    assert not any(k.startswith("moe_rankslots") for k in
+                   moe_logging_output([layer_stats("encoder.0", 0)]))
+    monkeypatch.setattr(distributed_utils, "get_data_parallel_world_size", lambda: 2)
+    per_rank = []
+    for rank, tokens in ((0, 30), (1, 90)):  # rank 1 routes three times the tokens
+        monkeypatch.setattr(distributed_utils, "get_data_parallel_rank", lambda r=rank: r)
+        stats = [layer_stats("encoder.0", rank, tokens), layer_stats("decoder.0", rank, tokens)]
+        log = moe_logging_output(stats)
+        slots = sum(float(s.expert_load.sum()) for s in stats)
+        assert float(log[f"moe_rankslots_r{rank}"]) == slots
+        assert float(log[f"moe_rankslots_r{1 - rank}"]) == 0
+        assert all(torch.is_tensor(v) for v in log.values())
+        per_rank.append((log, slots))
+    summed = {k: per_rank[0][0][k] + per_rank[1][0][k] for k in per_rank[0][0]}  # the all-reduce
+    with metrics.aggregate() as agg:
+        reduce_moe_metrics([summed], sample_size=1)
+    slots = [s for _, s in per_rank]
+    assert agg.get_smoothed_values()["moe_rank_imbalance"] == pytest.approx(
+        round(max(slots) / (sum(slots) / 2), 3))
+    assert 1.4 < max(slots) / (sum(slots) / 2) < 1.6

@@ -12,7 +12,11 @@ per layer), ``moe_ept`` (expert slots per token: 1.0 = top-1 compute, 2.0 = top-
 ``moe_thr_enc0``/``moe_thr_dec1``... (the layer's threshold T, only under a two-expert budget,
 ``--moe-two-expert-budget``, where T changes while training; the token-weighted mean over the
 logged updates), ``moe_a2a_mb`` (expert parallelism: MB of token rows all ranks sent to other ranks' experts per
-update, forward; the backward pass sends as many gradient rows back).
+update, forward; the backward pass sends as many gradient rows back), ``moe_rank_imbalance``
+(with 2+ data-parallel ranks: the busiest rank's MoE slots, non-padding tokens times experts
+used summed over the MoE layers, over the mean over ranks, per update; 1.0 = every rank does
+the same expert work, and every rank waits for the busiest at the gradient all-reduce and, with
+expert parallelism, at the all-to-all).
 
 Validation also logs ``loss_top1`` (and ``nll_loss_top1`` where the criterion logs ``nll_loss``,
 ``ppl_top1``): the task loss under top-1 gating, the paper's evaluation, beside ``loss`` under the
@@ -79,7 +83,26 @@ def moe_logging_output(stats: Sequence[MoEStats]) -> Dict[str, object]:
     sent = sum(s.bytes_sent for s in stats)
     if sent:
         out["moe_a2a_bytes"] = float(sent)
+    out.update(rank_slots(values[:, 2].sum()))
     return out
+
+
+RANK_SLOTS = "moe_rankslots_r"
+
+
+def rank_slots(slots: Tensor) -> Dict[str, Tensor]:
+    """This rank's MoE slots under its own key, ``moe_rankslots_r<rank>``, and a zero under every
+    other rank's: fairseq sums logging outputs over ranks key by key, so after its reduction each
+    key holds one rank's slots, and the reduction itself carries them (no collective or host read
+    of our own). Empty with one data-parallel rank."""
+    from fairseq.distributed import utils as distributed_utils
+
+    world = distributed_utils.get_data_parallel_world_size()
+    if world <= 1:
+        return {}
+    rank = distributed_utils.get_data_parallel_rank()
+    zero = torch.zeros_like(slots)
+    return {f"{RANK_SLOTS}{r}": slots if r == rank else zero for r in range(world)}
 
 
 def _totals(logging_outputs: List[Dict], keys: Sequence[str]) -> Dict[str, float]:
@@ -104,6 +127,12 @@ def reduce_moe_metrics(logging_outputs: List[Dict], sample_size: float) -> None:
 
     if any("moe_a2a_bytes" in log for log in logging_outputs):
         metrics.log_scalar("moe_a2a_mb", total("moe_a2a_bytes") / 1e6, round=3)
+    ranks = sorted(k for k in keys if k.startswith(RANK_SLOTS))
+    if ranks:
+        per_rank = [total(k) for k in ranks]
+        mean = sum(per_rank) / len(per_rank)
+        if mean > 0:
+            metrics.log_scalar("moe_rank_imbalance", max(per_rank) / mean, round=3)
     if any("moe_loss" in log for log in logging_outputs):
         metrics.log_scalar("moe_loss", total("moe_loss") / max(sample_size, 1), sample_size, round=4)
     layers = sorted({k[len("moe_tokens_"):] for log in logging_outputs for k in log
