@@ -326,19 +326,19 @@ import torch.distributed as dist
 root, out = sys.argv[1], sys.argv[2]
 sys.path.insert(0, root)  # this checkout's plugin, the one --user-dir names
 from fairseq_cli.train import cli_main  # first: it sets up fairseq's log format
-from fairseq_adaptive_moe.tasks import adaptive_moe_translation as t
+from fairseq_adaptive_moe.tasks import adaptive_moe_translation as t, curriculum as c
 
 def write(record):
     with open(f"{out}/rank{dist.get_rank()}.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
 
-order = t.CurriculumBatchSampler.__call__
+order = c.CurriculumBatchSampler.__call__
 def spy_order(self, dataset, epoch):
     batches = order(self, dataset, epoch)
     write({"epoch": epoch, "tracker": self.tracker.digest(),
            "batches": [sorted(np.asarray(b).tolist()) for b in batches]})
     return batches
-t.CurriculumBatchSampler.__call__ = spy_order
+c.CurriculumBatchSampler.__call__ = spy_order
 
 step = t.AdaptiveMoETranslationTask.train_step
 def spy_step(self, sample, *args, ignore_grad=False, **kwargs):
@@ -384,7 +384,8 @@ def test_two_gloo_ranks_compute_the_same_order(tiny_bin, tmp_path):
     assert "seen 600/600" in curriculum_lines(logs[0])[-1]  # each rank saw half, merged
     # the ranks' MoE work per update, busiest over mean, in fairseq's own log records
     imbalance = [float(r["moe_rank_imbalance"]) for r in train_records(logs[0]).values()]
-    assert imbalance and all(1.0 <= x < 2.0 for x in imbalance)
+    assert imbalance and all(1.0 <= x <= 2.0 for x in imbalance)  # 2.0: one rank idle
+    assert sum(imbalance) / len(imbalance) < 1.5
 
     # sharded after ordering: at step k of epoch 2, rank r trains batch 2k + r of the order
     first, second = orders[0][0]["batches"], orders[0][1]["batches"]

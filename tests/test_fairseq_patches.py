@@ -253,3 +253,25 @@ def test_one_line_through_torch_multiprocessing_spawn():
     assert errors.one_line(info.value) == \
         "--moe-expert-parallel-size 3 must divide --moe-expert-count 4 (rank 0)"
     assert errors.one_line(RuntimeError("x")) is None
+
+
+def test_save_checkpoint_flushes_the_tasks_curriculum_rows_first():
+    """Every rank passes through ``checkpoint_utils.save_checkpoint`` (the saving-rank check is
+    inside it), so the wrapper flushes the task's pending curriculum rows there, on all ranks,
+    before fairseq's own function runs; a task without the hook is passed through."""
+    from types import SimpleNamespace
+
+    from fairseq import checkpoint_utils
+
+    wrapper = checkpoint_utils.save_checkpoint
+    assert getattr(wrapper, fairseq_patches.MARK, False)
+    calls = []
+    original = fairseq_patches.originals()["checkpoint_utils.save_checkpoint"]
+    fake = fairseq_patches._save_checkpoint(lambda cfg, trainer, itr, loss: calls.append("save")
+                                            or "path")
+    task = SimpleNamespace(flush_complexity=lambda: calls.append("flush"))
+    assert fake(None, SimpleNamespace(task=task), None, 1.0) == "path"
+    assert calls == ["flush", "save"]
+    calls.clear()
+    assert fake(None, SimpleNamespace(task=object()), None, 1.0) == "path" and calls == ["save"]
+    assert original.__module__ == "fairseq.checkpoint_utils"

@@ -18,7 +18,7 @@ def moe_help_text() -> str:
     from ..criterions.adaptive_moe_cross_entropy import MoELossConfig
     from ..models.adaptive_moe_bart import MoEBARTConfig
     from ..models.config import MoEConfig
-    from ..tasks.adaptive_moe_translation import MoECurriculumConfig
+    from ..tasks.curriculum import MoECurriculumConfig
 
     parser = argparse.ArgumentParser(add_help=False, usage=argparse.SUPPRESS)
     model = parser.add_argument_group(
@@ -30,7 +30,8 @@ def moe_help_text() -> str:
         "fairseq_adaptive_moe criterion options (--criterion adaptive_moe_*)")
     gen_parser_from_dataclass(criterion, MoELossConfig())
     task = parser.add_argument_group(
-        "fairseq_adaptive_moe task options (--task adaptive_moe_translation)")
+        "fairseq_adaptive_moe task options (--task adaptive_moe_translation, "
+        "adaptive_moe_language_modeling)")
     gen_parser_from_dataclass(task, MoECurriculumConfig())
     return parser.format_help()
 

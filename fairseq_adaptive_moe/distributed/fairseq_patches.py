@@ -4,7 +4,8 @@ fairseq has no hooks for expert-sharded parameters, so expert parallelism
 (:mod:`.expert_parallel`) replaces five methods of fairseq 0.12 (two are properties) with wrappers. Each wrapper reads
 the :class:`~.expert_parallel.ExpertParallelState` from the model it works on (the state rides on
 the expert parameters, see :func:`~.expert_parallel.state_of`) and, for a model without one,
-calls fairseq's own method and returns its result unchanged:
+calls fairseq's own method and returns its result unchanged. A sixth wrapper serves the
+curriculum (:mod:`fairseq_adaptive_moe.tasks.curriculum`):
 
 =========================================================  ======================================
 fairseq internal                                           what the wrapper adds under expert
@@ -28,6 +29,13 @@ fairseq internal                                           what the wrapper adds
 ``trainer.Trainer.load_checkpoint(self, filename, ...)``   after loading, the ranks check that
                                                            their shards are of one step
                                                            (:func:`~.expert_parallel.check_shards_agree`)
+``checkpoint_utils.save_checkpoint(cfg, trainer, ...)``    every rank first calls its task's
+                                                           ``flush_complexity`` (if it has one):
+                                                           the curriculum's pending rows are
+                                                           gathered from all ranks before rank 0
+                                                           writes them (fairseq calls the
+                                                           iterator's ``state_dict`` on the
+                                                           saving rank alone)
 =========================================================  ======================================
 
 Why the trainer's ``clip_grad_norm`` and not ``utils.clip_grad_norm_`` itself: the trainer knows
@@ -68,6 +76,8 @@ TARGETS: List[Tuple[str, str, bool, str]] = [
     ("fairseq.trainer.Trainer", "load_checkpoint", False,
      "(self, filename, reset_optimizer=False, reset_lr_scheduler=False, optimizer_overrides=None, "
      "reset_meters=False)"),
+    ("fairseq.checkpoint_utils", "save_checkpoint", False,
+     "(cfg: fairseq.dataclass.configs.CheckpointConfig, trainer, epoch_itr, val_loss)"),
 ]
 # what the wrappers call with arguments of their own, checked too
 CALLED: List[Tuple[str, str, str]] = [
@@ -203,12 +213,23 @@ def _load_checkpoint(original):
     return _mark(load_checkpoint, original)
 
 
+def _save_checkpoint(original):
+    def save_checkpoint(cfg, trainer, epoch_itr, val_loss):
+        flush = getattr(trainer.task, "flush_complexity", None)
+        if flush is not None:  # on every rank: a collective when there are several
+            flush()
+        return original(cfg, trainer, epoch_itr, val_loss)
+
+    return _mark(save_checkpoint, original)
+
+
 WRAPPERS = {
     "all_reduce_grads": _all_reduce_grads,
     "clip_grad_norm": _clip_grad_norm,
     "checkpoint_suffix": _checkpoint_suffix,
     "should_save_checkpoint_on_current_rank": _should_save_checkpoint_on_current_rank,
     "load_checkpoint": _load_checkpoint,
+    "save_checkpoint": _save_checkpoint,
 }
 
 
