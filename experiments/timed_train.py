@@ -9,7 +9,8 @@ one per validation, ``{"update", "valid_loss", "train_wall_s"}``. With ``--moe-t
 update line also has ``moe_fwd_ms`` and ``moe_bwd_ms``, the time inside the MoE layers, and
 ``dense_ffn_fwd_ms`` and ``dense_ffn_bwd_ms``, inside dense FFN sublayers (fc1 ... fc2)
 (``fairseq_adaptive_moe.moe.MoETimer``; on CUDA it syncs once per update to read its events). ``train_wall_s`` is training wall time
-since the first update, with validation time left out. torch uses ``OMP_NUM_THREADS`` threads
+since the first update, with validation time left out. Under ``torchrun -m
+experiments.timed_train`` rank 0 writes TIMING.jsonl and rank r > 0 TIMING.jsonl.rank<r>. torch uses ``OMP_NUM_THREADS`` threads
 (default 2), so runs started with the same setting are comparable. Used by
 ``experiments.compare``, ``experiments.throughput`` and ``experiments.curriculum_table6``.
 """
@@ -31,7 +32,8 @@ def main(timing_path, argv, moe_timing=False):
         from fairseq_adaptive_moe.moe import MoETimer
         timer = MoETimer().__enter__()
 
-    out = open(timing_path, "w", buffering=1)
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun: every rank times its own steps
+    out = open(timing_path if rank == 0 else f"{timing_path}.rank{rank}", "w", buffering=1)
     clock = {"start": None, "valid": 0.0}
 
     def train_wall(now):

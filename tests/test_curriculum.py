@@ -96,8 +96,12 @@ def test_mean_order_puts_the_simpler_first_where_cosine_ignores_magnitude():
     assert order_of(tracker)[0] == [0, 1, 2, 3]  # curriculum_order: the paper's cosine order
     seen, unseen = curriculum_order(ids, tracker.multi, tracker.tokens, order="mean")
     assert seen.tolist() == [0, 2, 1, 3] and unseen.tolist() == [4]
+    rand = sample_keys(ids, tracker.multi, tracker.tokens, order="random", seed=5)
+    assert np.isfinite(rand).all() and ((0 <= rand) & (rand < 1)).all()  # unseen ones too
+    assert rand.tolist() == sample_keys(ids, None, None, order="random", seed=5).tolist()
+    assert rand.tolist() != sample_keys(ids, None, None, order="random", seed=6).tolist()
     with pytest.raises(ValueError, match="unknown curriculum order"):
-        sample_keys(ids, tracker.multi, tracker.tokens, order="random")
+        sample_keys(ids, tracker.multi, tracker.tokens, order="length")
 
 
 def test_windowed_batches_keep_fairseqs_cut_and_order_batches_by_key():
@@ -437,7 +441,7 @@ def test_resume_mid_curriculum_epoch_matches_uninterrupted_run(tiny_bin, tmp_pat
     (["--moe-curriculum-start-epoch", "0"], "--moe-curriculum-start-epoch"),
     (["--moe-curriculum-bucket-steps", "0"], "--moe-curriculum-bucket-steps"),
     (["--moe-curriculum-shuffle", "random"], "--moe-curriculum-shuffle"),
-    (["--moe-curriculum-order", "random"], "--moe-curriculum-order"),
+    (["--moe-curriculum-order", "length"], "--moe-curriculum-order"),
     (["--moe-curriculum-window", "-1"], "--moe-curriculum-window"),
 ])
 def test_bad_flags_fail_with_one_line(tiny_bin, tmp_path, flags, named):

@@ -17,6 +17,10 @@ per sample id in a :class:`ComplexityTracker`.
   ignores magnitude: with anchor [.05, 0, 0, 0], [.9, 0, 0, 0] comes right after it, while
   "5% in every layer" and "100% in every layer" tie.
 
+* ``random``: uniform random keys, drawn anew each epoch from the seed, seen or not: a random
+  data loader, the baseline the paper compares its curriculum against (with window 0, batches of
+  random samples; with a window, random within fairseq's length buckets). Not a curriculum.
+
 Unseen samples (never observed in training) get key +inf: they come last and are batched apart
 from seen ones. Equal keys break by (length, id).
 
@@ -49,7 +53,7 @@ SAMPLE_COMPLEXITY_KEY = "_moe_sample_complexity"
 logging all-reduce (which would sum it)."""
 
 SHUFFLE_MODES = ("none", "buckets")
-ORDERS = ("mean", "cosine")
+ORDERS = ("mean", "cosine", "random")
 
 
 def sample_complexity(net_output, sample) -> Optional[Tensor]:
@@ -166,10 +170,12 @@ class ComplexityTracker:
         return h.hexdigest()[:16]
 
 
-def sample_keys(indices, multi, tokens, lengths=None, order: str = "mean") -> np.ndarray:
+def sample_keys(indices, multi, tokens, lengths=None, order: str = "mean",
+                seed: int = 0) -> np.ndarray:
     """(M,) float64 sort keys of the samples ``indices`` (smallest first; rules in the module
     docstring): +inf for unseen samples; ``mean``: the mean of C over layers, in [0, 1];
-    ``cosine``: -2 for zero vectors, -1 for the anchor, else 1 - cosine similarity, in [0, 2].
+    ``cosine``: -2 for zero vectors, -1 for the anchor, else 1 - cosine similarity, in [0, 2];
+    ``random``: uniform in [0, 1) for every sample, from ``seed``.
 
     multi, tokens: (N, L) per-sample per-layer counts (a :class:`ComplexityTracker`'s, or None)
     lengths: (M,) lengths of ``indices``, for the cosine anchor's tie-break (default: equal)
@@ -177,6 +183,8 @@ def sample_keys(indices, multi, tokens, lengths=None, order: str = "mean") -> np
     if order not in ORDERS:
         raise ValueError(f"unknown curriculum order {order!r}; expected one of {ORDERS}")
     indices = np.asarray(indices, dtype=np.int64)
+    if order == "random":
+        return np.random.RandomState(seed % 2**32).random_sample(len(indices))
     keys = np.full(len(indices), np.inf)
     if multi is None or len(indices) == 0 or multi.shape[1] == 0:
         return keys

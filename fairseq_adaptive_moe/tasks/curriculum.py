@@ -83,7 +83,8 @@ class MoECurriculumConfig(FairseqDataclass):
         metadata={"help": "how samples are ordered: mean, by the mean over layers of their "
                           "two-expert share, simplest first; cosine, the paper's §3.2: by the "
                           "cosine similarity of their complexity vector to the simplest "
-                          "sample's (ignores magnitude) (default: mean)"},
+                          "sample's (ignores magnitude); random, a random order each epoch (the "
+                          "paper's baseline loader, not a curriculum) (default: mean)"},
     )
     moe_curriculum_window: int = field(
         default=4,
@@ -333,7 +334,7 @@ class CurriculumBatchSampler:
         order, window = self.cfg.moe_curriculum_order, self.cfg.moe_curriculum_window
         keys = np.full(len(dataset), np.inf)
         keys[indices] = sample_keys(indices, self.tracker.multi, self.tracker.tokens, lengths,
-                                    order)
+                                    order, seed=self.seed + epoch)
         length_of = np.zeros(len(dataset), np.int64)
         length_of[indices] = lengths
         batches = curriculum_batches(
