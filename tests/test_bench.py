@@ -45,6 +45,23 @@ def test_quick_run_records_every_implementation_and_fraction(quick_run):
     assert png.is_file() and png.stat().st_size > 0
 
 
+def test_dense_relative_ratio_at_f1_and_f08(quick_run, capsys):
+    """The bench gives ours against the dense FFN over the same rows (json and printed line)."""
+    _, out = quick_run
+    data = json.loads((out / "bench.json").read_text())
+    by = {(r["impl"], r["tokens"], r["fraction"]): r for r in data["records"]}
+    ratios = {(v["tokens"], v["fraction"]): v for v in data["vs_dense"]}
+    for (tokens, f), v in ratios.items():
+        ours, dense = by["ours", tokens, f], by["dense", tokens, f]
+        assert v["fwdbwd"] == pytest.approx(ours["fwdbwd_ms"] / dense["fwdbwd_ms"])
+        assert v["fwd"] == pytest.approx(ours["fwd_ms"] / dense["fwd_ms"])
+    assert {f for _, f in ratios} >= {1.0, 0.8}
+    line = bench.dense_summary(data["records"])[0]
+    one = ratios[data["meta"]["tokens"][0], 1.0]["fwdbwd"]
+    assert line.startswith("ours vs a dense FFN over the same rows") and f"f=1 {one:.2f}x" in line
+    assert "f=0.8" in line
+
+
 @pytest.mark.parametrize("num_tokens,num_experts", [(256, 4), (1000, 8), (37, 2), (64, 3)])
 @pytest.mark.parametrize("fraction", [0.0, 0.2, 0.5, 0.8, 1.0, 0.33])
 def test_crafted_decision_has_exact_single_expert_fraction(num_tokens, num_experts, fraction):

@@ -726,7 +726,7 @@ class BenchRun:
         tmp = out / "bench.json.tmp"
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(dict(meta=self.meta, records=self.records, checks=self.checks,
-                           notes=self.notes), fh, indent=1)
+                           notes=self.notes, vs_dense=dense_ratios(self.records)), fh, indent=1)
         tmp.replace(out / "bench.json")
         return out / "bench.json"
 
@@ -763,9 +763,38 @@ def format_header(cfg: dict, meta: dict) -> str:
     ])
 
 
+def dense_ratios(records: Sequence[dict], impl: str = "ours") -> List[dict]:
+    """``impl``'s fwd+bwd time over the dense FFN's over the same rows, at every token count and
+    fraction where both were timed: at f = 1 (every token on one expert) the FLOPs are the same,
+    so the ratio is what routing, dispatch and combine add on top of them."""
+    dense = {(r["tokens"], r["fraction"]): r for r in records if r["impl"] == "dense"}
+    out = []
+    for r in records:
+        d = dense.get((r["tokens"], r["fraction"]))
+        if r["impl"] == impl and d is not None:
+            out.append({"tokens": r["tokens"], "fraction": r["fraction"],
+                        "fwd": r["fwd_ms"] / d["fwd_ms"], "fwdbwd": r["fwdbwd_ms"] / d["fwdbwd_ms"]})
+    return out
+
+
+def dense_summary(records: Sequence[dict], impl: str = "ours") -> List[str]:
+    """One line per token count: ``impl`` against the dense FFN at f = 1 and f = 0.8."""
+    lines = []
+    ratios = dense_ratios(records, impl)
+    for tokens in sorted({r["tokens"] for r in ratios}):
+        cells = [f"f={r['fraction']:g} {r['fwdbwd']:.2f}x (fwd {r['fwd']:.2f}x)"
+                 for r in sorted(ratios, key=lambda r: -r["fraction"])
+                 if r["tokens"] == tokens and r["fraction"] in (1.0, 0.8)]
+        if cells:
+            lines.append(f"{impl} vs a dense FFN over the same rows, fwd+bwd, {tokens} tokens: "
+                         + ", ".join(cells))
+    return lines
+
+
 def format_report(cfg: dict, run: BenchRun) -> str:
-    """The table, how to read it, the correctness summary and the notes."""
-    lines = ["", format_table(run.records), "",
+    """The table, how to read it, the dense-relative summary, the correctness summary and the
+    notes."""
+    lines = ["", format_table(run.records), ""] + dense_summary(run.records) + [
              "compute = (2-f)/2; paper = Table 1 fwd+bwd / top-2 (A100); TF/s counts useful expert "
              "FLOPs 2 * 2 * rows * d * ffn (x3 for fwd+bwd), rows = S * (2 - f)",
              f"timing: median of {cfg['repeats']} after {cfg['warmup']} warm-up, round-robin over f; "
