@@ -199,6 +199,40 @@ def test_incremental_decoding_matches_full_decoding(trained):
     assert torch.allclose(full[keep], incremental[keep], atol=1e-4)
 
 
+def test_small_call_path_gives_the_same_hypotheses(trained, monkeypatch):
+    """Beam search with fc1's bias added (the path for a few rows: a decoding step) gives the
+    hypotheses that folding it into the GEMM (the path for many rows) gives, sentence by
+    sentence, on the test set, under top-1 and adaptive inference."""
+    from fairseq import checkpoint_utils
+    from fairseq.sequence_generator import SequenceGenerator
+    from fairseq_adaptive_moe.moe import ExpertFFN
+
+    save, _ = trained
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(save / "checkpoint_last.pt")])
+    model = models[0].eval()
+    task.load_dataset("test")
+    generator = SequenceGenerator([model], task.target_dictionary, beam_size=5, max_len_b=20)
+
+    def hypotheses(eval_gating):
+        for gate in model.modules():
+            if hasattr(gate, "eval_policy"):
+                gate.eval_policy = eval_gating
+        out = {}
+        itr = task.get_batch_iterator(task.dataset("test"), max_tokens=600).next_epoch_itr()
+        with torch.no_grad():
+            for batch in itr:
+                for i, hyps in zip(batch["id"].tolist(), generator.generate([model], batch)):
+                    out[i] = hyps[0]["tokens"].tolist()
+        return out
+
+    for eval_gating in ("top1", "train"):
+        monkeypatch.setattr(ExpertFFN, "fold_rows_divisor", 10**9)  # always folded
+        folded = hypotheses(eval_gating)
+        monkeypatch.setattr(ExpertFFN, "fold_rows_divisor", 0)  # never folded
+        added = hypotheses(eval_gating)
+        assert len(folded) == 60 and folded == added, eval_gating
+
+
 @pytest.mark.parametrize("gating, flag, expected", [
     ("adaptive", "auto", "single"), ("top1", "auto", "single"), ("top2", "auto", "first"),
     ("top2", "single", "single"), ("adaptive", "first", "first"),
