@@ -7,10 +7,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 JOBS ?= 2
 FAST := not slow and not multiprocess and not experiments
-# glibc hands large freed blocks back to the OS, so every CPU training step page-faults them in
-# again (a third of the CPU time in the kernel); these keep them in the process. Same results.
-CPU_ENV := MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_TOP_PAD_=1073741824
-RUN := PATH="$(abspath $(VENV))/bin:$$PATH" $(CPU_ENV)
+# (CPU runs keep freed memory in the process without any setting here: the plugin sets glibc's
+# allocator when it loads, see docs/allocator.md)
+RUN := PATH="$(abspath $(VENV))/bin:$$PATH"
 
 .PHONY: setup demo test test-fast clean
 setup:

@@ -1,5 +1,6 @@
 """The MoE layer: route -> dispatch -> compute -> combine, returning ``(output, MoEStats)``."""
 
+import functools
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,8 +25,10 @@ EVAL_GATING = ("train",) + GATING_POLICIES
 class MoEStats:
     """What one MoE layer did in one forward. All tensors stay on the device (no host sync).
 
-    balance_loss:      ()  paper Eq. 4 over top-1 decisions (see ``losses.balance_loss``)
-    z_loss:            ()  router z-loss
+    balance_loss:      ()  paper Eq. 4 over top-1 decisions (see ``losses.balance_loss``),
+                           computed from ``routing`` when first read (a decoding step that
+                           nobody trains on never pays for it)
+    z_loss:            ()  router z-loss, the same way
     num_tokens:        ()  non-padding tokens routed
     num_multi:         ()  tokens that used 2+ experts
     expert_load:       (E,) slots processed by each expert
@@ -40,8 +43,6 @@ class MoEStats:
     """
 
     name: str
-    balance_loss: Tensor
-    z_loss: Tensor
     num_tokens: Tensor
     num_multi: Tensor
     expert_load: Tensor
@@ -50,6 +51,15 @@ class MoEStats:
     routing: RoutingDecision
     bytes_sent: int = 0
     threshold: Optional[Tensor] = None
+    balance_tokens: str = "single"  # which tokens the balance loss counts (``BALANCE_TOKENS``)
+
+    @functools.cached_property
+    def balance_loss(self) -> Tensor:
+        return balance_loss(self.routing, self.balance_tokens)
+
+    @functools.cached_property
+    def z_loss(self) -> Tensor:
+        return z_loss(self.routing)
 
     @property
     def multi_fraction(self) -> Tensor:
@@ -307,8 +317,6 @@ class MoELayer(nn.Module):
             dropped = per_token.new_zeros(())
         return MoEStats(
             name=self.name,
-            balance_loss=balance_loss(decision, self.balance_tokens),
-            z_loss=z_loss(decision),
             num_tokens=mask.sum(),
             num_multi=(per_token >= 2).sum(),
             expert_load=plan.counts,
@@ -318,4 +326,5 @@ class MoELayer(nn.Module):
             threshold=(self.gate.budget_threshold.detach().clone()
                        if self.gate.budget is not None and self.gate.active_policy() == "adaptive"
                        else None),
+            balance_tokens=self.balance_tokens,
         )
