@@ -265,6 +265,11 @@ def test_switch_off_and_early_epochs_keep_fairseqs_order(tiny_bin):
                                             "--moe-curriculum-shuffle", "buckets",
                                             "--moe-curriculum-bucket-steps", "3"), epochs=2)
     assert buckets[1] == shuffle_in_buckets(expected, 3, 1, seed=3 + 2) != expected
+    # with --update-freq 2, a step is the two micro-batches of one update: moved together
+    task = with_statistics("--moe-curriculum-order", "cosine", "--moe-curriculum-window", "0",
+                           "--moe-curriculum-shuffle", "buckets",
+                           "--moe-curriculum-bucket-steps", "3", "--update-freq", "2")
+    assert epoch_batches(task, epochs=2)[1] == shuffle_in_buckets(expected, 3, 2, seed=3 + 2)
 
     # the default: mean order, windows of 4 of fairseq's batches re-cut
     task = with_statistics()

@@ -264,9 +264,9 @@ def curriculum_batches(base_batches: Sequence, keys, lengths, cut: Callable, win
 def shuffle_in_buckets(batches: Sequence, bucket_steps: int, num_shards: int, seed: int) -> list:
     """Shuffle training steps within consecutive buckets of ``bucket_steps`` steps.
 
-    A step is ``num_shards`` consecutive batches (one per data-parallel rank, as fairseq shards
-    them), kept together so that the ranks still train on batches of similar complexity at the
-    same step. The batches themselves are not changed. Same seed -> same result on every rank.
+    A step is ``num_shards`` consecutive batches (pass ranks times ``--update-freq``: the batches
+    of one update, as fairseq shards and groups them), kept together so that the ranks and the
+    micro-batches of one update still train on batches of similar complexity. The batches themselves are not changed. Same seed -> same result on every rank.
     """
     steps = [list(batches[i:i + num_shards]) for i in range(0, len(batches), num_shards)]
     rng = np.random.RandomState(seed % 2**32)

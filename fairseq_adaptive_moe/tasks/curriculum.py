@@ -34,6 +34,9 @@ How the pieces meet:
 import argparse
 import logging
 from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import II
 
 import numpy as np
 import torch
@@ -105,9 +108,13 @@ class MoECurriculumConfig(FairseqDataclass):
     moe_curriculum_bucket_steps: int = field(
         default=16,
         metadata={"help": "steps per bucket for --moe-curriculum-shuffle buckets; a step is one "
-                          "batch per data-parallel rank (default: 16)"},
+                          "update: a batch per data-parallel rank per --update-freq micro-batch "
+                          "(default: 16)"},
     )
 
+    # fairseq's --update-freq, read from the training config (not a flag of its own): bucket
+    # shuffling moves whole updates
+    moe_curriculum_update_freq: Any = II("optimization.update_freq")
     moe_curriculum_flush_updates: int = field(
         default=100,
         metadata={"help": "the per-sample complexity rows stay on the device and are gathered "
@@ -303,6 +310,15 @@ class CurriculumBatchSampler:
     def tracker(self) -> ComplexityTracker:
         return self.task.complexity
 
+    def update_freq(self, epoch: int) -> int:
+        """fairseq's ``--update-freq`` for ``epoch`` (one value, or one per epoch, the last
+        repeating), 1 where the config does not carry it."""
+        value = getattr(self.cfg, "moe_curriculum_update_freq", None)
+        if value is None or isinstance(value, str):
+            return 1
+        values = [value] if isinstance(value, int) else list(value)
+        return int(values[min(epoch, len(values)) - 1]) if values else 1
+
     def active(self, epoch: int) -> bool:
         return epoch >= self.cfg.moe_curriculum_start_epoch
 
@@ -341,9 +357,10 @@ class CurriculumBatchSampler:
             self._base_batches, keys, length_of,
             lambda ids: dataset.batch_by_size(ids, **self.limits), window)
         shuffle = self.cfg.moe_curriculum_shuffle
-        if shuffle == "buckets":
+        if shuffle == "buckets":  # whole updates: all ranks' micro-batches of one update
             batches = shuffle_in_buckets(batches, self.cfg.moe_curriculum_bucket_steps,
-                                         self.num_shards, self.seed + epoch)
+                                         self.num_shards * self.update_freq(epoch),
+                                         self.seed + epoch)
         self._log(epoch, batches, f"active, ordered by complexity ({order}, window {window}), "
                   f"shuffle {shuffle}; fairseq's batches: {len(self._base_batches)}")
         return batches
