@@ -8,8 +8,9 @@ Trains the tiny adaptive-gating MoE on a slice of Multi30k de-en, once per (setu
   both, ``--moe-expert-parallel-size 2``), ``single`` (one process);
 - orders: ``fairseq`` (fairseq's length-bucketed, shuffled batches; the curriculum collects its
   statistics but never starts), ``curriculum`` (the default curriculum from epoch 2, or the
-  flags of ``--curriculum-flags``), ``random`` (a random loader, the paper's baseline:
-  ``--moe-curriculum-order random --moe-curriculum-window 0`` from epoch 1).
+  flags of ``--curriculum-flags``), ``curriculum-wN`` (the same with ``--moe-curriculum-window
+  N``), ``random`` (a random loader, the paper's baseline: ``--moe-curriculum-order random
+  --moe-curriculum-window 0`` from epoch 1).
 
 Every rank has ``--max-tokens`` per batch and one thread; the ranks of one run share the 2 cores
 of a small machine, and runs go one after the other. Reported per run, and as mean ± sd over the
@@ -69,7 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--setups", default="dp2,ep2,single", help=f"comma-separated, of {SETUPS}")
     p.add_argument("--orders", default="fairseq,curriculum,random",
-                   help=f"comma-separated, of {tuple(ORDERS)}")
+                   help=f"comma-separated, of {tuple(ORDERS)} and curriculum-wN")
     p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (1,2,3)")
     p.add_argument("--single-seeds", default=None,
                    help="seeds of the single-process and expert-parallel runs (default: --seeds)")
@@ -87,7 +88,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.setups = [s for s in args.setups.split(",") if s]
     args.orders = [o for o in args.orders.split(",") if o]
-    bad = [s for s in args.setups if s not in SETUPS] + [o for o in args.orders if o not in ORDERS]
+    bad = [s for s in args.setups if s not in SETUPS] + [o for o in args.orders
+                                                         if order_flags(o) is None]
     if bad or not args.setups or not args.orders:
         raise BadInput(f"unknown setup or order {bad}; setups {SETUPS}, orders {tuple(ORDERS)}")
     try:
@@ -103,6 +105,16 @@ def parse_args(argv=None):
     return args
 
 
+def order_flags(order: str):
+    """The flags of an order name, None for an unknown one."""
+    if order in ORDERS:
+        return ORDERS[order]
+    window = order[len("curriculum-w"):] if order.startswith("curriculum-w") else ""
+    if window.isdigit():
+        return ORDERS["curriculum"] + ["--moe-curriculum-window", window]
+    return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -115,8 +127,8 @@ def command(args, data_bin, run_dir, setup, order, seed) -> list:
              + ["--max-tokens", str(args.max_tokens), "--max-update", str(args.max_update)]
              + fl.validation_flags(args.validate_every, never=1000) + ["--no-epoch-checkpoints"]
              + fl.device_flags(gpu=False) + ["--seed", str(seed), "--save-dir", str(run_dir)]
-             + fl.log_flags(1) + ORDERS[order]
-             + (shlex.split(args.curriculum_flags) if order == "curriculum" else [])
+             + fl.log_flags(1) + order_flags(order)
+             + (shlex.split(args.curriculum_flags) if order.startswith("curriculum") else [])
              + shlex.split(args.extra))
     if setup == "single":
         return module_argv("timed_train", run_dir / "timing.jsonl") + flags
