@@ -237,12 +237,16 @@ def curriculum_batches(base_batches: Sequence, keys, lengths, cut: Callable, win
     base_batches: fairseq's batches (arrays of sample ids), cut from the length-sorted samples
     keys, lengths: (N,) per sample id (:func:`sample_keys`, +inf = unseen; token counts)
     cut: sample ids in order -> batches, with fairseq's limits (``dataset.batch_by_size``)
-    window: fairseq batches pooled and re-cut together (0: all samples at once)
+    window: fairseq batches pooled and re-cut together (1: fairseq's batches as they are, only
+            ordered; 0: all samples at once)
     """
     keys, lengths = np.asarray(keys, dtype=np.float64), np.asarray(lengths)
     if not len(base_batches):
         return []
     samples = [np.asarray(b, dtype=np.int64) for b in base_batches]
+    if window == 1:  # fairseq's batches themselves, ordered by their seen samples' mean key
+        return [samples[i] for i in np.lexsort((np.arange(len(samples)),
+                                                [_mean_key(keys[b]) for b in samples]))]
     pools = [np.concatenate(samples)] if window <= 0 else \
         [np.concatenate(samples[i:i + window]) for i in range(0, len(samples), window)]
     # one stream, each window sorted by key, cut in one go: a window's last samples share a
@@ -259,6 +263,12 @@ def curriculum_batches(base_batches: Sequence, keys, lengths, cut: Callable, win
         return batches
     means = np.array([keys[b].mean() for b in batches])  # inf for a batch of unseen samples
     return [batches[i] for i in np.lexsort((np.arange(len(batches)), means))]
+
+
+def _mean_key(keys: np.ndarray) -> float:
+    """A batch's key: the mean over its seen samples (+inf when none is seen)."""
+    seen = keys[np.isfinite(keys)]
+    return float(seen.mean()) if len(seen) else np.inf
 
 
 def shuffle_in_buckets(batches: Sequence, bucket_steps: int, num_shards: int, seed: int) -> list:
