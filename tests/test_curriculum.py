@@ -271,7 +271,7 @@ def test_switch_off_and_early_epochs_keep_fairseqs_order(tiny_bin):
                            "--moe-curriculum-bucket-steps", "3", "--update-freq", "2")
     assert epoch_batches(task, epochs=2)[1] == shuffle_in_buckets(expected, 3, 2, seed=3 + 2)
 
-    # the default: mean order, windows of 4 of fairseq's batches re-cut
+    # the default: mean order, window 1: fairseq's own batches, ordered by their mean key
     task = with_statistics()
     itr = task.get_batch_iterator(task.dataset("train"), max_tokens=2000,
                                   max_positions=(1024, 1024), ignore_invalid_inputs=True,
@@ -283,17 +283,26 @@ def test_switch_off_and_early_epochs_keep_fairseqs_order(tiny_bin):
     keys = sample_keys(ids, task.complexity.multi, task.complexity.tokens, order="mean")
     expected = curriculum_batches(
         base, keys, dataset.num_tokens_vec(ids),
-        lambda g_: dataset.batch_by_size(g_, max_tokens=2000, required_batch_size_multiple=8), 4)
+        lambda g_: dataset.batch_by_size(g_, max_tokens=2000, required_batch_size_multiple=8), 1)
     assert got[1] == [tuple(sorted(b.tolist())) for b in expected]
+    assert sorted(got[1]) == sorted(tuple(sorted(b.tolist())) for b in base)  # fairseq's batches
     means = [keys[list(b)].mean() for b in got[1]]
     assert means == sorted(means)  # simplest batches first
+    # --moe-curriculum-window 4: re-cut within windows of 4 of fairseq's batches
+    task = with_statistics("--moe-curriculum-window", "4")
+    got = epoch_batches(task, epochs=2)[1]
+    expected = curriculum_batches(
+        base, keys, dataset.num_tokens_vec(ids),
+        lambda g_: dataset.batch_by_size(g_, max_tokens=2000, required_batch_size_multiple=8), 4)
+    assert got == [tuple(sorted(b.tolist())) for b in expected]
 
 
 def test_windowed_batches_match_fairseqs_count_and_size(m30k_bin):
     """On 3,000 Multi30k pairs with random complexities (the worst case: unrelated to length),
-    windows of 4 of fairseq's batches re-cut by complexity (the default) give fairseq's batch
-    count and padded tokens within 8%, and batches twice as alike in complexity as fairseq's;
-    the global cut (window 0) needs many more batches."""
+    window 1 (the default) keeps fairseq's batches exactly; windows of 4 of fairseq's batches
+    re-cut by complexity give fairseq's batch count and padded tokens within 8%, and batches
+    twice as alike in complexity as fairseq's; the global cut (window 0) needs many more
+    batches."""
     task = make_task(m30k_bin, "--task", "adaptive_moe_translation", "--moe-curriculum")
     dataset = task.dataset("train")
     n = len(dataset)
@@ -313,6 +322,8 @@ def test_windowed_batches_match_fairseqs_count_and_size(m30k_bin):
     def padded_tokens(batches):
         return sum(len(b) * lengths[b].max() for b in batches)
 
+    same = curriculum_batches(base, keys, lengths, lambda g_: [], 1)
+    assert sorted(map(tuple, same)) == sorted(map(tuple, base))
     for window, within in ((4, 0.08), (0, None)):
         got = curriculum_batches(base, keys, lengths,
                                  lambda g_: dataset.batch_by_size(g_, **limits), window)

@@ -50,7 +50,7 @@ def test_lm_curriculum_trains_and_resumes_exactly_with_workers(lm_bin, tmp_path)
     whole = train(lm_bin, tmp_path / "a", "--max-epoch", "2", "--num-workers", "1")
     lines = curriculum_lines(whole)
     assert "epoch 001 | inactive" in lines[0] and "epoch 002 | active" in lines[-1], lines
-    assert "(mean, window 4)" in lines[-1]
+    assert "(mean, window 1)" in lines[-1]
     got = records(whole)
     epochs = [int(r["epoch"]) for _, r in sorted(got.items())]
     cut = epochs.count(1) + epochs.count(2) // 2  # in the middle of the curriculum epoch

@@ -24,12 +24,13 @@ per sample id in a :class:`ComplexityTracker`.
 Unseen samples (never observed in training) get key +inf: they come last and are batched apart
 from seen ones. Equal keys break by (length, id).
 
-**The batches** (:func:`curriculum_batches`): with a window of W (default 4), fairseq's own
-batches (cut from the length-sorted samples) are taken W at a time; within each window the
-samples are sorted by key, and the windows, one after the other, are cut again with fairseq's
-limits, so a batch holds samples of similar length (as fairseq's) and similar complexity; then
-all batches are ordered by their samples' mean key. A larger W makes batches more alike in
-complexity and adds padding: on 3,000 Multi30k pairs with random complexities, W = 1, 2, 4, 8,
+**The batches** (:func:`curriculum_batches`): with a window of W = 1 (default), they are
+fairseq's own batches (cut from the length-sorted samples), ordered by their samples' mean key:
+the batches and tokens per update are fairseq's, only their order changes. With W > 1, fairseq's
+batches are taken W at a time; within each window the samples are sorted by key, and the
+windows, one after the other, are cut again with fairseq's limits, so a batch holds samples of
+similar length (as fairseq's) and similar complexity; then all batches are ordered by their
+samples' mean key. A larger W makes batches more alike in complexity and adds padding: on 3,000 Multi30k pairs with random complexities, W = 1, 2, 4, 8,
 16 gave 1.00, 1.05, 1.06, 1.09, 1.16x fairseq's padded tokens (batch counts 1.00 to 1.13x) and a
 within-batch spread of complexity 1.0, 0.8, 0.48, 0.32, 0.16x fairseq's.
 W = 0 orders all samples by key and cuts batches from that order (the paper's construction; the

@@ -90,13 +90,13 @@ class MoECurriculumConfig(FairseqDataclass):
                           "paper's baseline loader, not a curriculum) (default: mean)"},
     )
     moe_curriculum_window: int = field(
-        default=4,
-        metadata={"help": "fairseq batches pooled and re-sorted by complexity together before "
-                          "cutting: batches keep fairseq's length bucketing, so their count and "
-                          "padded tokens stay within a few percent of fairseq's (more makes "
-                          "batches more alike and adds padding); 0 orders all samples at once "
-                          "and cuts batches from that order (the paper's construction; mixes "
-                          "lengths: about 1.6x fairseq's batches) (default: 4)"},
+        default=1,
+        metadata={"help": "1: fairseq's own batches, ordered by their samples' complexity (same "
+                          "batches and tokens per update as without the curriculum); W > 1: "
+                          "fairseq batches pooled W at a time and re-sorted by complexity before "
+                          "cutting (batches more alike, a few percent more padding and batches); "
+                          "0: all samples ordered, then cut (the paper's construction; mixes "
+                          "lengths: about 1.7x fairseq's batches) (default: 1)"},
     )
     moe_curriculum_shuffle: ChoiceEnum(SHUFFLE_MODES) = field(
         default="none",
