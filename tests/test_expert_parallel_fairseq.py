@@ -114,6 +114,11 @@ def test_all_to_all_bytes_are_logged_and_adaptive_sends_less(runs):
             for g in ("adaptive", "top2")}
     assert all(mb > 0 for mbs in sent.values() for mb in mbs)
     assert "moe_a2a_mb" not in records(runs["adaptive"]["one"], "train_inner")[0]
+    # the wait at the all-to-all, per update, and the ranks' work imbalance beside it
+    ep2 = records(runs["adaptive"]["ep2"], "train_inner")
+    assert all(float(r["moe_a2a_wait_ms"]) >= 0 for r in ep2)
+    assert all(1.0 <= float(r["moe_rank_imbalance"]) <= 2.0 for r in ep2)
+    assert "moe_a2a_wait_ms" not in records(runs["adaptive"]["one"], "train_inner")[0]
     # update 1 starts from the same weights and batch in both runs: adaptive's slots are a
     # subset of top-2's, so it sends fewer rows
     assert sent["adaptive"][0] < sent["top2"][0]

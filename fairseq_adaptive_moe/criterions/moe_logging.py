@@ -12,7 +12,9 @@ per layer), ``moe_ept`` (expert slots per token: 1.0 = top-1 compute, 2.0 = top-
 ``moe_thr_enc0``/``moe_thr_dec1``... (the layer's threshold T, only under a two-expert budget,
 ``--moe-two-expert-budget``, where T changes while training; the token-weighted mean over the
 logged updates), ``moe_a2a_mb`` (expert parallelism: MB of token rows all ranks sent to other ranks' experts per
-update, forward; the backward pass sends as many gradient rows back), ``moe_rank_imbalance``
+update, forward; the backward pass sends as many gradient rows back), ``moe_a2a_wait_ms``
+(expert parallelism: per update, the mean over ranks of the time a rank waited at the MoE
+layers' first all-to-all, the split sizes, for the other ranks to arrive), ``moe_rank_imbalance``
 (with 2+ data-parallel ranks: the busiest rank's MoE slots, non-padding tokens times experts
 used summed over the MoE layers, over the mean over ranks, per update; 1.0 = every rank does
 the same expert work, and every rank waits for the busiest at the gradient all-reduce and, with
@@ -80,9 +82,11 @@ def moe_logging_output(stats: Sequence[MoEStats]) -> Dict[str, object]:
         out[f"moe_dropped_{n}"] = dropped
         if s.threshold is not None:  # T x tokens: sums over batches and ranks like the counts
             out[f"moe_thrsum_{n}"] = s.threshold.float() * tokens
-    sent = sum(s.bytes_sent for s in stats)
-    if sent:
-        out["moe_a2a_bytes"] = float(sent)
+    # expert parallelism: every rank has these keys (fairseq's reduction sums key by key);
+    # host figures, read by the exchange anyway
+    if any(s.expert_parallel for s in stats) or any(s.bytes_sent for s in stats):
+        out["moe_a2a_bytes"] = float(sum(s.bytes_sent for s in stats))
+        out["moe_a2a_wait_s"] = float(sum(s.a2a_wait_s for s in stats))
     out.update(rank_slots(values[:, 2].sum()))
     return out
 
@@ -127,6 +131,11 @@ def reduce_moe_metrics(logging_outputs: List[Dict], sample_size: float) -> None:
 
     if any("moe_a2a_bytes" in log for log in logging_outputs):
         metrics.log_scalar("moe_a2a_mb", total("moe_a2a_bytes") / 1e6, round=3)
+    if any("moe_a2a_wait_s" in log for log in logging_outputs):
+        from fairseq.distributed import utils as distributed_utils
+
+        ranks = max(1, distributed_utils.get_data_parallel_world_size())
+        metrics.log_scalar("moe_a2a_wait_ms", 1e3 * total("moe_a2a_wait_s") / ranks, round=2)
     ranks = sorted(k for k in keys if k.startswith(RANK_SLOTS))
     if ranks:
         per_rank = [total(k) for k in ranks]

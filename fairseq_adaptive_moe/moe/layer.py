@@ -38,6 +38,8 @@ class MoEStats:
                        (for analysis tools: experts chosen and gate probabilities per token)
     bytes_sent:        bytes of token rows this rank sent to other ranks (expert parallelism;
                        0 on the local path), the way there only
+    a2a_wait_s:        seconds this rank spent at the layer's first all-to-all (the split
+                       sizes), waiting for the other ranks (expert parallelism; 0 otherwise)
     threshold:         ()  the T this forward routed with, when a two-expert budget sets it
                        (None otherwise)
     """
@@ -51,6 +53,8 @@ class MoEStats:
     routing: RoutingDecision
     bytes_sent: int = 0
     threshold: Optional[Tensor] = None
+    a2a_wait_s: float = 0.0
+    expert_parallel: bool = False  # whether the layer exchanged rows with other ranks
     balance_tokens: str = "single"  # which tokens the balance loss counts (``BALANCE_TOKENS``)
 
     @functools.cached_property
@@ -286,6 +290,9 @@ class MoELayer(nn.Module):
         out, plan, bytes_sent = self.apply_experts(tokens, decision)
         stats = self.stats(decision, plan, lead)
         stats.bytes_sent = bytes_sent
+        if self.exchange is not None:
+            stats.a2a_wait_s = self.exchange.last_wait_s
+            stats.expert_parallel = True
         return out.view(*lead, embed_dim).to(x.dtype), stats
 
     def apply_experts(self, tokens: Tensor, decision: RoutingDecision, trim: Optional[bool] = None):
@@ -304,6 +311,7 @@ class MoELayer(nn.Module):
         else:  # 3. compute on the ranks holding the experts, all-to-all there and back
             rows, exchanged = self.exchange(rows, plan, self.experts)
             bytes_sent = exchanged.bytes_sent
+            self.exchange.last_wait_s = exchanged.wait_s
         return dispatch.unpermute_combine(rows, plan, decision), plan, bytes_sent  # 4. combine
 
     def stats(self, decision: RoutingDecision, plan: dispatch.DispatchPlan, lead) -> MoEStats:

@@ -12,6 +12,7 @@ Without a group, or with a group of one rank, :class:`ExpertParallelExchange` is
 :class:`~fairseq_adaptive_moe.moe.layer.MoELayer` picks its path once, at construction.
 """
 
+import time
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -47,10 +48,13 @@ def all_to_all(x: Tensor, send: List[int], recv: List[int], group) -> Tensor:
 
 @dataclass
 class ExchangeStats:
-    """Rows this rank sent to other ranks (not to itself) in one forward."""
+    """Rows this rank sent to other ranks (not to itself) in one forward, and how long it waited
+    at the split-size exchange (s): the first collective of the layer, where a rank that
+    arrives early waits for the last one."""
 
     rows_sent: int
     bytes_sent: int
+    wait_s: float = 0.0
 
 
 class ExpertParallelExchange:
@@ -64,6 +68,7 @@ class ExpertParallelExchange:
             raise ValueError(f"expert count {num_experts} is not divisible by the expert-parallel "
                              f"size {self.world}")
         self.num_local = num_experts // self.world
+        self.last_wait_s = 0.0  # the last forward's ExchangeStats.wait_s
 
     def local_experts(self) -> range:
         return range(self.rank * self.num_local, (self.rank + 1) * self.num_local)
@@ -75,9 +80,11 @@ class ExpertParallelExchange:
         assert plan.trimmed, "expert parallelism exchanges only used slots (a trimmed plan)"
         counts = plan.counts.view(self.world, self.num_local)  # (P, El): my rows per expert
         recv_counts = torch.empty_like(counts)
+        start = time.perf_counter()
         dist.all_to_all_single(recv_counts, counts.contiguous(), group=self.group)
         send = counts.sum(1).tolist()  # one host read of the split sizes: all_to_all needs them
         recv = recv_counts.sum(1).tolist()
+        wait = time.perf_counter() - start  # the host read waits for it: no sync of our own
 
         received = all_to_all(rows, send, recv, self.group)  # (M, C): by source rank, then expert
         local_expert = torch.repeat_interleave(
@@ -91,7 +98,7 @@ class ExpertParallelExchange:
         inverse[order] = torch.arange(order.numel(), device=order.device)
         out = out_sorted.index_select(0, inverse)  # back to (source rank, expert) order
         remote = sum(send) - send[self.rank]
-        stats = ExchangeStats(remote, remote * rows.shape[1] * rows.element_size())
+        stats = ExchangeStats(remote, remote * rows.shape[1] * rows.element_size(), wait)
         return all_to_all(out, recv, send, self.group), stats
 
 
