@@ -20,7 +20,8 @@ seeds:
   tokens times experts, over the mean over ranks), mean and p95 over the updates of the
   curriculum epochs (epoch >= 2), and over all updates;
 - update time (``Trainer.train_step`` on rank 0, which waits for the slowest rank at the
-  gradient all-reduce), mean over the same updates;
+  gradient all-reduce), mean over the same updates; with expert parallelism, the time a rank
+  waits at the MoE layers' all-to-all (``moe_a2a_wait_ms``);
 - batches per epoch and tokens per update; training wall time to the last update and to a target
   validation loss (the worst of all runs' best losses, so every run reaches it);
 - sacreBLEU on the test set under top-1 gating (the paper's protocol; data-parallel and single
@@ -155,12 +156,15 @@ def summarize(run_dir: Path) -> dict:
     imbalance = {int(r["num_updates"]): float(r["moe_rank_imbalance"]) for r in records
                  if "moe_rank_imbalance" in r}
     late_imb = [v for u, v in imbalance.items() if u in late]
+    wait = [float(r["moe_a2a_wait_ms"]) for r in records
+            if "moe_a2a_wait_ms" in r and int(r["num_updates"]) in late]
     late_steps = [t["step_s"] for t in steps[1:] if t["update"] in late]
     return {
         "updates": len(steps), "epochs": max(epoch_of.values()),
         "imbalance_mean": statistics.mean(late_imb) if late_imb else None,
         "imbalance_p95": percentile(late_imb, 0.95) if late_imb else None,
         "imbalance_mean_all": statistics.mean(imbalance.values()) if imbalance else None,
+        "a2a_wait_ms": statistics.mean(wait) if wait else None,
         "step_ms_mean": 1000 * statistics.mean(late_steps) if late_steps else None,
         "tokens_per_update": statistics.mean(float(r["wpb"]) for r in records),
         "batches_per_epoch": statistics.mean(n for e, n in spread if e >= 2) if spread else None,
@@ -216,9 +220,9 @@ def render(args, results, target) -> str:
              f"Target valid loss (the worst of the runs' best): {target:.3f}. Figures over the "
              "updates of epochs >= 2 (the curriculum's), mean ± sd over seeds.", "",
              "| setup | order | seeds | rank imbalance mean | rank imbalance p95 | update ms | "
-             "batches / epoch | tokens / update | time to last update (s) | time to target (s) "
-             "| BLEU, top-1 | 2x share |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "all-to-all wait ms | batches / epoch | tokens / update | time to last update (s) "
+             "| time to target (s) | BLEU, top-1 | 2x share |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for setup in args.setups:
         for order in args.orders:
             rs = [r for r in results if r["setup"] == setup and r["order"] == order]
@@ -228,6 +232,7 @@ def render(args, results, target) -> str:
                 f"| {setup} | {order} | {len(rs)} | {mean_sd([r['imbalance_mean'] for r in rs], '.3f')} "
                 f"| {mean_sd([r['imbalance_p95'] for r in rs], '.3f')} "
                 f"| {mean_sd([r['step_ms_mean'] for r in rs], '.0f')} "
+                f"| {mean_sd([r.get('a2a_wait_ms') for r in rs], '.1f')} "
                 f"| {mean_sd([r['batches_per_epoch'] for r in rs], '.0f')} "
                 f"| {mean_sd([r['tokens_per_update'] for r in rs], '.0f')} "
                 f"| {mean_sd([r['train_wall_s'] for r in rs], '.1f')} "
