@@ -13,7 +13,8 @@ Trains the tiny adaptive-gating MoE on a slice of Multi30k de-en, once per (setu
   --moe-curriculum-window 0`` from epoch 1).
 
 Every rank has ``--max-tokens`` per batch and one thread; the ranks of one run share the 2 cores
-of a small machine, and runs go one after the other. Reported per run, and as mean ± sd over the
+of a small machine, and runs go one after the other, seed by seed with every order in turn, so
+that a machine whose speed drifts over the sweep slows every order alike. Reported per run, and as mean ± sd over the
 seeds:
 
 - rank imbalance: fairseq's ``moe_rank_imbalance`` of every update (the busiest rank's MoE slots,
@@ -263,9 +264,9 @@ def main(argv=None) -> int:
                  data_bin, "--vocab-size", args.vocab_size, "--max-train-lines",
                  args.train_lines, "--max-eval-lines", args.eval_lines])
         results = []
-        for setup in args.setups:
-            for order in args.orders:
-                for seed in args.seeds if setup == "dp2" else args.single_seeds:
+        for setup in args.setups:  # seed by seed, every order in turn: the machine's drift
+            for seed in args.seeds if setup == "dp2" else args.single_seeds:  # hits them alike
+                for order in args.orders:
                     results.append(one_run(args, data_bin, setup, order, seed))
     except RuntimeError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
