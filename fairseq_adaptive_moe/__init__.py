@@ -26,7 +26,7 @@ if fairseq is not None:
     # on CPU: freed activations stay in the process instead of being faulted in every step
     # (glibc only; ADAPTIVE_MOE_MALLOC=0 opts out; docs/allocator.md)
     _configure_cpu_allocator()
-    from . import criterions, models, tasks  # noqa: F401,E402
+    from . import criterions, models, optim, tasks  # noqa: F401,E402
     from .cli.fairseq_help import register_if_help_requested as _register_help  # noqa: E402
     from .distributed import install as _install_fairseq_patches  # noqa: E402
 
