@@ -47,6 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--top", type=int, default=12, help="ops listed per implementation (12)")
+    p.add_argument("--fold-rows-divisor", type=int, default=None,
+                   help="ExpertFFN.fold_rows_divisor for this run: fc1's bias is folded into its "
+                        "GEMM from E*d/divisor rows on (default: the layer's own)")
     args = p.parse_args(argv)
     try:
         args.shapes = [tuple(int(v) for v in s.split(":")) for s in args.shapes.split(",") if s]
@@ -147,6 +150,10 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.fold_rows_divisor is not None:
+        from fairseq_adaptive_moe.moe import ExpertFFN
+
+        ExpertFFN.fold_rows_divisor = args.fold_rows_divisor
     args.out.mkdir(parents=True, exist_ok=True)
     results = [measure_shape(s, args.fraction, args.repeats) for s in args.shapes]
     report = render(args, argv, results)
