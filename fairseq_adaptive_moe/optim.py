@@ -13,8 +13,9 @@ parameters, 2 CPU threads): 92 ms a step against fairseq's 229 ms
 The update is fairseq's: Adam with decoupled weight decay (the AdamW variant, as fairseq's own
 docstring says of its ``adam``). One difference: torch adds ``eps`` to the bias-corrected
 second-moment root, fairseq before the correction, so fairseq's ``eps`` acts as
-``eps / sqrt(1 - beta2^t)``; with the usual ``eps`` of 1e-8 the two agree to the precision
-training needs (tested against ``--optimizer adam``). Its checkpoint state is torch's (``step``,
+``eps / sqrt(1 - beta2^t)``, and weights whose gradients are near ``eps`` move differently.
+Tested against ``--optimizer adam``: after three updates from the same start the losses agree to
+0.02 and 99% of the weights to 1e-4. Its checkpoint state is torch's (``step``,
 ``exp_avg``, ``exp_avg_sq`` per parameter); fairseq starts a fresh optimizer state when a
 checkpoint of another optimizer is loaded, as it does for any change of ``--optimizer``.
 """

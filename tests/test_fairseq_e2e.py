@@ -257,22 +257,28 @@ def test_balance_tokens_auto_gives_top2_a_balance_loss(gating, flag, expected):
 
 
 def test_torch_adamw_optimizer_matches_fairseqs_adam(m30k_bin, tmp_path):
-    """--optimizer torch_adamw takes fairseq adam's flags and gives its update: after three
-    updates from the same start the parameters agree to far below one step's size; it resumes."""
-    runs = {}
+    """--optimizer torch_adamw takes fairseq adam's flags and gives its update: from the same
+    start, three updates give the same losses and nearly all weights agree to a tenth of one
+    step (weights with gradients near eps differ: torch adds eps after the bias correction,
+    fairseq before it); it resumes."""
+    runs, losses = {}, {}
     for name in ("adam", "torch_adamw"):
         save = tmp_path / name
         flags = [f if f != "adam" else name for f in TRAIN]  # --optimizer NAME
         proc = run_cli("fairseq-train", m30k_bin, *flags, "--save-dir", save, "--max-update", "3",
                        "--weight-decay", "0.01", "--adam-betas", "(0.9, 0.98)")
         runs[name] = torch.load(save / "checkpoint_last.pt", weights_only=False)
+        losses[name] = [float(r["loss"]) for r in json_records(proc.stdout + proc.stderr)]
     group = runs["torch_adamw"]["last_optimizer_state"]["param_groups"][0]
     assert group.get("fused") or group.get("foreach")  # torch's AdamW, fused on this CPU torch
     assert group["weight_decay"] == 0.01 and tuple(group["betas"]) == (0.9, 0.98)
+    assert len(losses["adam"]) == 3
+    assert losses["adam"] == pytest.approx(losses["torch_adamw"], abs=0.02)
     a, b = runs["adam"]["model"], runs["torch_adamw"]["model"]
     assert a.keys() == b.keys()
-    gap = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-    assert gap < 1e-4, gap  # lr 1e-3: one Adam step moves a weight by about 1e-3
+    diff = torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in a])
+    assert (diff > 1e-4).float().mean() < 0.01, (diff > 1e-4).float().mean()  # lr 1e-3
+    assert diff.max() < 3e-3  # never more than three steps apart
     proc = run_cli("fairseq-train", m30k_bin, *[f if f != "adam" else "torch_adamw" for f in TRAIN],
                    "--save-dir", tmp_path / "torch_adamw", "--max-update", "4")
     assert "@ 3 updates" in proc.stdout + proc.stderr
