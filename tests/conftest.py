@@ -133,9 +133,25 @@ def m30k_bin(tmp_path_factory):
     return prepare_m30k(tmp_path_factory, 1000, 3000, 60)
 
 
+@pytest.fixture(scope="session")
+def news_en_bin(tmp_path_factory):
+    """The English side of WMT news, first 1,500 lines, binarized for language modeling (made
+    once per test run, shared by every test and worker that asks for it)."""
+    def build(root: Path) -> None:
+        prepare = load_script("examples/translation/prepare.py")
+        assert prepare.main(["--monolingual", "--src", "en", "--data",
+                             str(shared_data("wmt19-deen-news")), "--out", str(root / "data-bin"),
+                             "--vocab-size", "1000", "--max-train-lines", "1500",
+                             "--max-eval-lines", "60"]) == 0
+
+    out = shared_artifact(tmp_path_factory, "news-en-1000-1500-60", build) / "data-bin"
+    assert (out / "dict.txt").is_file() and (out / "train.bin").is_file()
+    return out
+
+
 #: fixtures that prepare data or train a model: a test that uses one, directly or through
 #: another fixture, belongs to the slow tier whatever its own marks say
-SLOW_FIXTURES = {"m30k_bin", "tiny_bin", "tiny_moe_run", "tiny_dense_run"}
+SLOW_FIXTURES = {"m30k_bin", "tiny_bin", "tiny_moe_run", "tiny_dense_run", "news_en_bin"}
 
 
 def pytest_collection_modifyitems(config, items):

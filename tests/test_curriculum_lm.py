@@ -2,43 +2,21 @@
 exactly, with ``--num-workers`` > 0; switching it on over a checkpoint without curriculum state;
 sharded data directories (CPU)."""
 
-import json
 import shutil
 
 import pytest
 import torch
 
 import fairseq_adaptive_moe  # noqa: F401
-from conftest import TINY_LM, load_script, run_cli, shared_data
+from conftest import TINY_LM, run_cli
+from test_curriculum import curriculum_lines
+from test_curriculum import train_records as records
 
 pytestmark = pytest.mark.slow
 
-TIMING = {"wps", "ups", "wall", "train_wall", "gb_free"}
 LM = [a if a != "language_modeling" else "adaptive_moe_language_modeling" for a in TINY_LM]
 LM = [a if a != "1024" else "4096" for a in LM]  # --max-tokens: about 10 batches an epoch
 CURRICULUM = ["--moe-curriculum", "--moe-curriculum-flush-updates", "3", "--disable-validation"]
-
-
-@pytest.fixture(scope="module")
-def lm_bin(tmp_path_factory):
-    """The English side of WMT news, first 1,500 lines, binarized for language modeling."""
-    prepare = load_script("examples/translation/prepare.py")
-    out = tmp_path_factory.mktemp("lm") / "data-bin"
-    assert prepare.main(["--monolingual", "--src", "en", "--data", str(shared_data("wmt19-deen-news")),
-                         "--out", str(out), "--vocab-size", "1000", "--max-train-lines", "1500",
-                         "--max-eval-lines", "60"]) == 0
-    return out
-
-
-def records(log):
-    return {int(r["num_updates"]): {k: v for k, v in r.items() if k not in TIMING}
-            for r in (json.loads(line.split("| train_inner | ", 1)[1])
-                      for line in log.splitlines() if "| train_inner | " in line)}
-
-
-def curriculum_lines(log):
-    return [line.split("moe curriculum | ", 1)[1] for line in log.splitlines()
-            if "moe curriculum | epoch" in line]
 
 
 def train(data, save, *extra):
@@ -46,8 +24,8 @@ def train(data, save, *extra):
     return proc.stdout + proc.stderr
 
 
-def test_lm_curriculum_trains_and_resumes_exactly_with_workers(lm_bin, tmp_path):
-    whole = train(lm_bin, tmp_path / "a", "--max-epoch", "2", "--num-workers", "1")
+def test_lm_curriculum_trains_and_resumes_exactly_with_workers(news_en_bin, tmp_path):
+    whole = train(news_en_bin, tmp_path / "a", "--max-epoch", "2", "--num-workers", "1")
     lines = curriculum_lines(whole)
     assert "epoch 001 | inactive" in lines[0] and "epoch 002 | active" in lines[-1], lines
     assert "(mean, window 1)" in lines[-1]
@@ -56,9 +34,9 @@ def test_lm_curriculum_trains_and_resumes_exactly_with_workers(lm_bin, tmp_path)
     cut = epochs.count(1) + epochs.count(2) // 2  # in the middle of the curriculum epoch
     assert epochs.count(2) >= 4
 
-    first = train(lm_bin, tmp_path / "b", "--max-epoch", "2", "--num-workers", "1",
+    first = train(news_en_bin, tmp_path / "b", "--max-epoch", "2", "--num-workers", "1",
                   "--max-update", str(cut))
-    resumed = train(lm_bin, tmp_path / "b", "--max-epoch", "2", "--num-workers", "1")
+    resumed = train(news_en_bin, tmp_path / "b", "--max-epoch", "2", "--num-workers", "1")
     assert f"(epoch 2 @ {cut} updates)" in resumed
     both = {**records(first), **records(resumed)}
     assert both == got  # same batches and losses, update by update
@@ -75,11 +53,11 @@ def test_lm_curriculum_trains_and_resumes_exactly_with_workers(lm_bin, tmp_path)
     assert state_a["tracker"]["multi"].shape[1] == 2  # one column per MoE layer
 
 
-def test_switching_the_curriculum_on_over_a_plain_checkpoint(lm_bin, tmp_path):
-    plain = run_cli("fairseq-train", lm_bin, *LM, "--disable-validation", "--save-dir",
+def test_switching_the_curriculum_on_over_a_plain_checkpoint(news_en_bin, tmp_path):
+    plain = run_cli("fairseq-train", news_en_bin, *LM, "--disable-validation", "--save-dir",
                     tmp_path / "ckpt", "--max-epoch", "1")
     assert "moe curriculum" not in plain.stdout + plain.stderr
-    log = train(lm_bin, tmp_path / "ckpt", "--max-epoch", "3")
+    log = train(news_en_bin, tmp_path / "ckpt", "--max-epoch", "3")
     assert "the checkpoint has no curriculum statistics; collecting from here" in log
     lines = curriculum_lines(log)
     # epoch 2 has nothing to order by yet (its batches in length order) and collects; epoch 3 is
@@ -91,10 +69,10 @@ def test_switching_the_curriculum_on_over_a_plain_checkpoint(lm_bin, tmp_path):
     assert int((tracker["tokens"].sum(1) > 0).sum()) >= 0.99 * tracker["num_samples"]
 
 
-def test_sharded_data_keeps_one_tracker_per_shard(lm_bin, tmp_path):
+def test_sharded_data_keeps_one_tracker_per_shard(news_en_bin, tmp_path):
     shards = [tmp_path / "shard0", tmp_path / "shard1"]
     for shard in shards:
-        shutil.copytree(lm_bin, shard)
+        shutil.copytree(news_en_bin, shard)
     log = train(f"{shards[0]}:{shards[1]}", tmp_path / "ckpt", "--max-epoch", "3",
                 "--moe-curriculum-start-epoch", "3")
     lines = curriculum_lines(log)

@@ -7,7 +7,7 @@ import re
 import pytest
 
 import fairseq_adaptive_moe  # noqa: F401
-from conftest import ROOT, TINY_LM, USER_DIR, load_script, run_cli, shared_data
+from conftest import ROOT, TINY_LM, USER_DIR, run_cli
 from fairseq.models import register_model, register_model_architecture
 from fairseq_adaptive_moe.models import (
     AdaptiveMoETransformerDecoder,
@@ -23,18 +23,6 @@ LM_TRAIN = TINY_LM
 def json_records(text, kind="train_inner"):
     return [json.loads(line.split(f"| {kind} | ", 1)[1]) for line in text.splitlines()
             if f"| {kind} | " in line]
-
-
-@pytest.fixture(scope="module")
-def news_en_bin(tmp_path_factory):
-    """The English side of WMT news, first lines only, binarized for language modeling."""
-    prepare = load_script("examples/translation/prepare.py")
-    out = tmp_path_factory.mktemp("lm") / "data-bin"
-    assert prepare.main(["--monolingual", "--src", "en", "--data", str(shared_data("wmt19-deen-news")),
-                         "--out", str(out), "--vocab-size", "1000", "--max-train-lines", "1500",
-                         "--max-eval-lines", "60"]) == 0
-    assert (out / "dict.txt").is_file() and (out / "train.bin").is_file()
-    return out
 
 
 def test_lm_trains_resumes_and_evaluates(news_en_bin, tmp_path):
