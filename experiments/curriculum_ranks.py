@@ -8,8 +8,9 @@ Trains the tiny adaptive-gating MoE on a slice of Multi30k de-en, once per (setu
   both, ``--moe-expert-parallel-size 2``), ``single`` (one process);
 - orders: ``fairseq`` (fairseq's length-bucketed, shuffled batches; the curriculum collects its
   statistics but never starts), ``curriculum`` (the default curriculum from epoch 2, or the
-  flags of ``--curriculum-flags``), ``curriculum-wN`` / ``curriculum-cosine`` (the same with
-  ``--moe-curriculum-window N`` / ``--moe-curriculum-order cosine``), ``random`` (a random loader, the paper's baseline: ``--moe-curriculum-order random
+  flags of ``--curriculum-flags``), ``curriculum-wN`` / ``curriculum-bN`` / ``curriculum-cosine``
+  (the same with ``--moe-curriculum-window N`` / ``--moe-curriculum-balance-steps N`` /
+  ``--moe-curriculum-order cosine``), ``random`` (a random loader, the paper's baseline: ``--moe-curriculum-order random
   --moe-curriculum-window 0`` from epoch 1).
 
 Every rank has ``--max-tokens`` per batch and one thread; the ranks of one run share the 2 cores
@@ -72,7 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--setups", default="dp2,ep2,single", help=f"comma-separated, of {SETUPS}")
     p.add_argument("--orders", default="fairseq,curriculum,random",
-                   help=f"comma-separated, of {tuple(ORDERS)}, curriculum-wN, curriculum-cosine")
+                   help=f"comma-separated, of {tuple(ORDERS)}, curriculum-wN, curriculum-bN, "
+                        "curriculum-cosine")
     p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (1,2,3)")
     p.add_argument("--single-seeds", default=None,
                    help="seeds of the single-process and expert-parallel runs (default: --seeds)")
@@ -109,8 +111,9 @@ def parse_args(argv=None):
 
 def order_flags(order: str):
     """The flags of an order name, None for an unknown one: ``fairseq``, ``random``,
-    ``curriculum``, or ``curriculum`` with suffixes ``-wN`` (``--moe-curriculum-window N``) and
-    ``-mean`` / ``-cosine`` (``--moe-curriculum-order``), e.g. ``curriculum-cosine-w4``."""
+    ``curriculum``, or ``curriculum`` with suffixes ``-wN`` (``--moe-curriculum-window N``),
+    ``-bN`` (``--moe-curriculum-balance-steps N``) and ``-mean`` / ``-cosine``
+    (``--moe-curriculum-order``), e.g. ``curriculum-cosine-w4``, ``curriculum-b8``."""
     if order in ORDERS:
         return ORDERS[order]
     head, *parts = order.split("-")
@@ -120,6 +123,8 @@ def order_flags(order: str):
     for part in parts:
         if part[:1] == "w" and part[1:].isdigit():
             flags += ["--moe-curriculum-window", part[1:]]
+        elif part[:1] == "b" and part[1:].isdigit():
+            flags += ["--moe-curriculum-balance-steps", part[1:]]
         elif part in ("mean", "cosine"):
             flags += ["--moe-curriculum-order", part]
         else:

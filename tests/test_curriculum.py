@@ -16,12 +16,15 @@ import fairseq_adaptive_moe  # noqa: F401  (registers the task, allows checkpoin
 from conftest import BIN, ROOT, USER_DIR, prepare_m30k, run_cli
 from fairseq_adaptive_moe.data.curriculum import (
     ComplexityTracker,
+    balance_steps,
     batch_complexity_spread,
+    batch_loads,
     curriculum_batches,
     curriculum_order,
     sample_keys,
     sample_complexity,
     shuffle_in_buckets,
+    step_imbalance,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +169,52 @@ def test_bucket_shuffle_keeps_steps_and_buckets():
     assert out == shuffle_in_buckets(batches, 2, 2, seed=5)  # same on every rank
 
 
+def test_batch_loads_count_tokens_times_experts_and_unseen_at_the_seen_mean():
+    t = tracker_from([[(1, 4)], [(3, 4)], None])  # shares 0.25, 0.75; sample 2 unseen
+    loads = batch_loads([[0], [1], [2], [0, 1]], [4, 4, 10], t.multi, t.tokens)
+    assert loads.tolist() == [5.0, 7.0, pytest.approx(15.0), 12.0]  # unseen: mean share 0.5
+    assert batch_loads([[0, 2]], [4, 4, 10]).tolist() == [14.0]  # no statistics: tokens
+
+
+def test_balance_steps_pairs_alike_batches_and_keeps_the_curriculum_at_window_scale():
+    rng = np.random.RandomState(0)
+    n = 64
+    keys = np.sort(rng.random_sample(n))  # sample i is batch i, already in curriculum order
+    batches = [np.array([i]) for i in range(n)]
+    loads = rng.uniform(1000, 3000, n)  # token counts unrelated to complexity, as measured
+    before = step_imbalance(batches, loads, num_shards=2, update_freq=1)
+    out = balance_steps(batches, loads, keys, num_shards=2, update_freq=1, window_steps=8)
+    got = [int(b[0]) for b in out]
+    assert sorted(got) == list(range(n))  # the same batches, each once
+    for w in range(0, n, 16):  # every window of 8 updates keeps its own batches
+        assert sorted(got[w:w + 16]) == list(range(w, w + 16))
+        pairs = [got[w + j:w + j + 2] for j in range(0, 16, 2)]
+        by_load = sorted(range(w, w + 16), key=lambda i: -loads[i])
+        assert sorted(map(sorted, pairs)) == sorted(sorted(by_load[j:j + 2])
+                                                    for j in range(0, 16, 2))
+        means = [keys[p].mean() for p in pairs]
+        assert means == sorted(means)  # updates within a window: simplest first
+    after = step_imbalance(out, loads[got], 2, 1)
+    assert before > 1.15 and after < 1.05, (before, after)
+    assert out == balance_steps(batches, loads, keys, 2, 1, 8)  # same on every rank
+    assert balance_steps(batches, loads, keys, 1, 1, 8) == batches  # one rank: nothing to do
+    assert balance_steps(batches, loads, keys, 2, 1, 0) == batches  # off
+
+
+def test_balance_steps_with_update_freq_deals_each_update_over_its_ranks():
+    # 2 ranks x update_freq 2: an update is 4 consecutive batches, rank r gets positions r, 2 + r
+    loads = np.array([10.0, 9.0, 2.0, 1.0, 8.0, 7.0, 6.0, 5.0])
+    batches = [np.array([i]) for i in range(8)]
+    keys = np.arange(8, dtype=np.float64)
+    out = [int(b[0]) for b in balance_steps(batches, loads, keys, 2, 2, window_steps=2)]
+    assert out == [0, 1, 5, 4, 6, 7, 3, 2]  # ranks: 10 + 7 = 9 + 8, then 6 + 1 = 7 + 2
+    assert step_imbalance([batches[i] for i in out], loads[out], 2, 2) < \
+        step_imbalance(batches, loads, 2, 2)
+    # a last partial update stays as it was
+    tail = [int(b[0]) for b in balance_steps(batches[:6], loads[:6], keys, 2, 2, 2)]
+    assert tail[4:] == [4, 5] and sorted(tail[:4]) == [0, 1, 2, 3]
+
+
 def test_batch_complexity_spread():
     t = tracker_from([[(1, 4)], [(3, 4)], [(2, 4)], None])
     spread = batch_complexity_spread([[0, 1], [2, 3]], t.multi, t.tokens)
@@ -295,6 +344,46 @@ def test_switch_off_and_early_epochs_keep_fairseqs_order(tiny_bin):
         base, keys, dataset.num_tokens_vec(ids),
         lambda g_: dataset.batch_by_size(g_, max_tokens=2000, required_batch_size_multiple=8), 4)
     assert got == [tuple(sorted(b.tolist())) for b in expected]
+
+
+def test_balanced_steps_through_the_sampler_on_two_shards(tiny_bin):
+    """--moe-curriculum-balance-steps: the default order's batches, re-paired into updates of
+    similar MoE work per rank, sharded as fairseq shards them."""
+    def run(*flags):
+        task = make_task(tiny_bin, "--task", "adaptive_moe_translation", "--moe-curriculum",
+                         *flags)
+        dataset = task.dataset("train")
+        n = len(dataset)
+        task.complexity.resize(n)
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(3, 20, (n, 4), generator=g)
+        multi = (tokens * torch.rand(n, 4, generator=g)).long()
+        task.complexity.update(torch.cat([torch.arange(n).view(-1, 1), multi, tokens], 1))
+        shards = []
+        for shard_id in (0, 1):
+            itr = task.get_batch_iterator(dataset, max_tokens=2000, max_positions=(1024, 1024),
+                                          ignore_invalid_inputs=True,
+                                          required_batch_size_multiple=8, seed=3, epoch=1,
+                                          num_shards=2, shard_id=shard_id,
+                                          disable_iterator_cache=True)
+            for _ in range(2):
+                epoch = [tuple(sorted(b["id"].tolist())) for b in itr.next_epoch_itr()
+                         if b]  # fairseq pads the last shard with an empty batch
+            shards.append(epoch)
+        return task, dataset, itr.frozen_batches, shards
+
+    task, dataset, plain, _ = run()
+    _, _, balanced, shards = run("--moe-curriculum-balance-steps", "4")
+    work = np.asarray(dataset.src_sizes) + np.asarray(dataset.tgt_sizes)
+    loads = batch_loads(plain, work, task.complexity.multi, task.complexity.tokens)
+    keys = sample_keys(np.arange(len(dataset)), task.complexity.multi, task.complexity.tokens)
+    expected = balance_steps(plain, loads, keys, num_shards=2, update_freq=1, window_steps=4)
+    assert [tuple(b) for b in balanced] == [tuple(b) for b in expected]
+    assert sorted(map(tuple, balanced)) == sorted(map(tuple, plain))  # the same batches
+    assert shards[0] == [tuple(sorted(b)) for b in balanced[0::2]]  # fairseq's sharding
+    assert shards[1] == [tuple(sorted(b)) for b in balanced[1::2]]
+    after = batch_loads(balanced, work, task.complexity.multi, task.complexity.tokens)
+    assert step_imbalance(balanced, after, 2, 1) < step_imbalance(plain, loads, 2, 1)
 
 
 def test_windowed_batches_match_fairseqs_count_and_size(m30k_bin):
@@ -459,6 +548,7 @@ def test_resume_mid_curriculum_epoch_matches_uninterrupted_run(tiny_bin, tmp_pat
     (["--moe-curriculum-shuffle", "random"], "--moe-curriculum-shuffle"),
     (["--moe-curriculum-order", "length"], "--moe-curriculum-order"),
     (["--moe-curriculum-window", "-1"], "--moe-curriculum-window"),
+    (["--moe-curriculum-balance-steps", "-2"], "--moe-curriculum-balance-steps"),
 ])
 def test_bad_flags_fail_with_one_line(tiny_bin, tmp_path, flags, named):
     save = tmp_path / "never"
@@ -468,3 +558,13 @@ def test_bad_flags_fail_with_one_line(tiny_bin, tmp_path, flags, named):
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and named in errors[0], proc.stderr[-2000:]
     assert not save.exists()
+
+
+def test_rank_runner_order_names_map_to_flags():
+    from experiments.curriculum_ranks import order_flags
+
+    assert order_flags("curriculum-b8") == ["--moe-curriculum", "--moe-curriculum-balance-steps",
+                                            "8"]
+    assert order_flags("curriculum-cosine-w4")[1:] == ["--moe-curriculum-order", "cosine",
+                                                       "--moe-curriculum-window", "4"]
+    assert order_flags("curriculum-x3") is None and order_flags("shuffled") is None

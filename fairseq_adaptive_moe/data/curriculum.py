@@ -272,6 +272,87 @@ def _mean_key(keys: np.ndarray) -> float:
     return float(seen.mean()) if len(seen) else np.inf
 
 
+def batch_loads(batches: Sequence, lengths, multi=None, tokens=None) -> np.ndarray:
+    """(B,) estimated MoE slots of each batch: the sum over its samples of non-padding tokens
+    times (1 + the sample's tracked share of tokens on a second expert, over all layers). Unseen
+    samples count with the mean share of the seen ones (0 when nothing is seen yet).
+
+    lengths: (N,) non-padding tokens per sample id; multi, tokens: (N, L) tracked counts or None
+    """
+    lengths = np.asarray(lengths, dtype=np.float64)
+    share = np.zeros(len(lengths))
+    if multi is not None and multi.shape[1]:
+        m = _as_numpy(multi).sum(1).astype(np.float64)
+        t = _as_numpy(tokens).sum(1).astype(np.float64)
+        seen = t > 0
+        if seen.any():
+            share[seen] = m[seen] / t[seen]
+            share[~seen] = m[seen].sum() / t[seen].sum()
+    per_sample = lengths * (1.0 + share)
+    return np.array([per_sample[np.asarray(b, dtype=np.int64)].sum() for b in batches])
+
+
+def balance_steps(batches: Sequence, loads, keys, num_shards: int, update_freq: int,
+                  window_steps: int) -> list:
+    """Re-pair batches into training steps so that the ranks of one step get similar work.
+
+    fairseq hands batch ``(u * update_freq + k) * num_shards + r`` to rank r as micro-batch k
+    of update u, so an update is a run of ``num_shards * update_freq`` consecutive batches.
+    Within each window of ``window_steps`` updates (consecutive in the curriculum order), the
+    batches are sorted by ``loads``, heaviest first, and dealt out an update at a time: the
+    ``num_shards * update_freq`` next-heaviest form one update, dealt over its ranks in a
+    snake (round k goes 0..P-1, round k + 1 back), so the ranks' sums are close. The window's
+    updates are then ordered by their batches' mean key, keeping the curriculum order at the
+    scale of windows. Same batches, same count; every rank computes the same result.
+
+    loads: (B,) per batch (:func:`batch_loads`); keys: (N,) per sample id (:func:`sample_keys`)
+    """
+    if window_steps < 1 or num_shards * update_freq < 2 or not len(batches):
+        return list(batches)
+    keys = np.asarray(keys, dtype=np.float64)
+    loads = np.asarray(loads, dtype=np.float64)
+    step = num_shards * update_freq
+    span = step * window_steps
+    out = []
+    for start in range(0, len(batches), span):
+        idx = np.arange(start, min(start + span, len(batches)))
+        if len(idx) < step:  # a last partial update: as it was
+            out.extend(batches[i] for i in idx)
+            continue
+        full = len(idx) - len(idx) % step
+        heavy_first = idx[:full][np.lexsort((idx[:full], -loads[idx[:full]]))]
+        updates = []
+        for u in range(0, full, step):
+            group = heavy_first[u:u + step]
+            slots = [None] * step
+            for k in range(update_freq):
+                ranks = range(num_shards) if k % 2 == 0 else range(num_shards - 1, -1, -1)
+                for j, r in enumerate(ranks):
+                    slots[k * num_shards + r] = group[k * num_shards + j]
+            updates.append(slots)
+        means = [_mean_key(np.concatenate([keys[np.asarray(batches[i], dtype=np.int64)]
+                                           for i in slots])) for slots in updates]
+        for j in np.lexsort((np.arange(len(updates)), means)):
+            out.extend(batches[i] for i in updates[j])
+        out.extend(batches[i] for i in idx[full:])
+    return out
+
+
+def step_imbalance(batches: Sequence, loads, num_shards: int, update_freq: int) -> float:
+    """Mean over full updates of the busiest rank's summed ``loads`` over the ranks' mean (the
+    estimate of ``moe_rank_imbalance`` an order gives; 1.0 with one rank)."""
+    loads = np.asarray(loads, dtype=np.float64)
+    step = num_shards * update_freq
+    if num_shards < 2 or len(batches) < step:
+        return 1.0
+    ratios = []
+    for u in range(0, len(loads) - len(loads) % step, step):
+        per_rank = loads[u:u + step].reshape(update_freq, num_shards).sum(0)
+        if per_rank.mean() > 0:
+            ratios.append(per_rank.max() / per_rank.mean())
+    return float(np.mean(ratios)) if ratios else 1.0
+
+
 def shuffle_in_buckets(batches: Sequence, bucket_steps: int, num_shards: int, seed: int) -> list:
     """Shuffle training steps within consecutive buckets of ``bucket_steps`` steps.
 

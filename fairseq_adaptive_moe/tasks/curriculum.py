@@ -51,10 +51,13 @@ from ..data.curriculum import (
     SAMPLE_COMPLEXITY_KEY,
     SHUFFLE_MODES,
     ComplexityTracker,
+    balance_steps,
     batch_complexity_spread,
+    batch_loads,
     curriculum_batches,
     sample_keys,
     shuffle_in_buckets,
+    step_imbalance,
 )
 from ..errors import MoEConfigError
 
@@ -98,6 +101,14 @@ class MoECurriculumConfig(FairseqDataclass):
                           "0: all samples ordered, then cut (the paper's construction; mixes "
                           "lengths: about 1.7x fairseq's batches) (default: 1)"},
     )
+    moe_curriculum_balance_steps: int = field(
+        default=0,
+        metadata={"help": "with several data-parallel ranks (or --update-freq > 1): re-pair "
+                          "the ordered batches within windows of this many updates so that the "
+                          "ranks of one update get similar work (non-padding tokens times "
+                          "experts, from the tracked two-expert shares); the same batches, the "
+                          "windows kept in complexity order; 0: off (default: 0)"},
+    )
     moe_curriculum_shuffle: ChoiceEnum(SHUFFLE_MODES) = field(
         default="none",
         metadata={"help": "after ordering: none keeps the complexity order (the paper); buckets "
@@ -128,9 +139,10 @@ class MoECurriculumConfig(FairseqDataclass):
             value = getattr(self, name)
             if isinstance(value, int) and value < 1:
                 raise MoEConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        window = self.moe_curriculum_window
-        if isinstance(window, int) and window < 0:
-            raise MoEConfigError(f"--moe-curriculum-window must be >= 0, got {window}")
+        for name in ("moe_curriculum_window", "moe_curriculum_balance_steps"):
+            value = getattr(self, name)
+            if isinstance(value, int) and value < 0:
+                raise MoEConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
 
 
 def _at_least(low: int):
@@ -171,7 +183,7 @@ class CurriculumTaskMixin:
         for action in parser._actions:
             if action.dest in POSITIVE:
                 action.type = _at_least(1)
-            elif action.dest == "moe_curriculum_window":
+            elif action.dest in ("moe_curriculum_window", "moe_curriculum_balance_steps"):
                 action.type = _at_least(0)
 
     @property
@@ -356,13 +368,23 @@ class CurriculumBatchSampler:
         batches = curriculum_batches(
             self._base_batches, keys, length_of,
             lambda ids: dataset.batch_by_size(ids, **self.limits), window)
+        update_freq = self.update_freq(epoch)
+        balance = getattr(self.cfg, "moe_curriculum_balance_steps", 0) or 0
+        what = ""
+        if balance and self.num_shards * update_freq > 1:
+            work = _moe_tokens(dataset)
+            loads = batch_loads(batches, work, self.tracker.multi, self.tracker.tokens)
+            before = step_imbalance(batches, loads, self.num_shards, update_freq)
+            batches = balance_steps(batches, loads, keys, self.num_shards, update_freq, balance)
+            loads = batch_loads(batches, work, self.tracker.multi, self.tracker.tokens)
+            what = (f", balanced over {balance} updates (estimated rank imbalance {before:.3f} "
+                    f"-> {step_imbalance(batches, loads, self.num_shards, update_freq):.3f})")
         shuffle = self.cfg.moe_curriculum_shuffle
         if shuffle == "buckets":  # whole updates: all ranks' micro-batches of one update
             batches = shuffle_in_buckets(batches, self.cfg.moe_curriculum_bucket_steps,
-                                         self.num_shards * self.update_freq(epoch),
-                                         self.seed + epoch)
-        self._log(epoch, batches, f"active, ordered by complexity ({order}, window {window}), "
-                  f"shuffle {shuffle}; fairseq's batches: {len(self._base_batches)}")
+                                         self.num_shards * update_freq, self.seed + epoch)
+        self._log(epoch, batches, f"active, ordered by complexity ({order}, window {window})"
+                  f"{what}, shuffle {shuffle}; fairseq's batches: {len(self._base_batches)}")
         return batches
 
     def _log(self, epoch, batches, what):
@@ -429,6 +451,19 @@ class CurriculumEpochBatchIterator(iterators.EpochBatchIterator):
             ends = np.cumsum(curriculum["batch_sizes"].numpy())
             self._frozen_batches = tuple(np.split(flat, ends[:-1]))
         super().load_state_dict(state_dict)
+
+
+def _moe_tokens(dataset) -> np.ndarray:
+    """(N,) tokens each sample sends through the MoE layers: source plus target for a language
+    pair (encoder and decoder layers), else fairseq's ``num_tokens``."""
+    src, tgt = getattr(dataset, "src_sizes", None), getattr(dataset, "tgt_sizes", None)
+    if src is not None:
+        return np.asarray(src, dtype=np.int64) + (
+            0 if tgt is None else np.asarray(tgt, dtype=np.int64))
+    try:
+        return np.asarray(dataset.num_tokens_vec(np.arange(len(dataset))), dtype=np.int64)
+    except NotImplementedError:
+        return np.array([dataset.num_tokens(i) for i in range(len(dataset))], dtype=np.int64)
 
 
 def _all_gather_rows(rows):
