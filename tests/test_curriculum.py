@@ -198,6 +198,7 @@ def test_balance_steps_pairs_alike_batches_and_keeps_the_curriculum_at_window_sc
     assert before > 1.15 and after < 1.05, (before, after)
     assert out == balance_steps(batches, loads, keys, 2, 1, 8)  # same on every rank
     assert balance_steps(batches, loads, keys, 1, 1, 8) == batches  # one rank: nothing to do
+    assert balance_steps(batches, loads, keys, 1, 4, 8) == batches  # also with --update-freq
     assert balance_steps(batches, loads, keys, 2, 1, 0) == batches  # off
 
 
@@ -372,7 +373,7 @@ def test_balanced_steps_through_the_sampler_on_two_shards(tiny_bin):
             shards.append(epoch)
         return task, dataset, itr.frozen_batches, shards
 
-    task, dataset, plain, _ = run()
+    task, dataset, plain, _ = run("--moe-curriculum-balance-steps", "0")
     _, _, balanced, shards = run("--moe-curriculum-balance-steps", "4")
     work = np.asarray(dataset.src_sizes) + np.asarray(dataset.tgt_sizes)
     loads = batch_loads(plain, work, task.complexity.multi, task.complexity.tokens)

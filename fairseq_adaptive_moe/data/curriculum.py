@@ -307,7 +307,7 @@ def balance_steps(batches: Sequence, loads, keys, num_shards: int, update_freq: 
 
     loads: (B,) per batch (:func:`batch_loads`); keys: (N,) per sample id (:func:`sample_keys`)
     """
-    if window_steps < 1 or num_shards * update_freq < 2 or not len(batches):
+    if window_steps < 1 or num_shards < 2 or not len(batches):  # one rank: nothing to balance
         return list(batches)
     keys = np.asarray(keys, dtype=np.float64)
     loads = np.asarray(loads, dtype=np.float64)

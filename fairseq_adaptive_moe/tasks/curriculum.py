@@ -102,12 +102,12 @@ class MoECurriculumConfig(FairseqDataclass):
                           "lengths: about 1.7x fairseq's batches) (default: 1)"},
     )
     moe_curriculum_balance_steps: int = field(
-        default=0,
-        metadata={"help": "with several data-parallel ranks (or --update-freq > 1): re-pair "
-                          "the ordered batches within windows of this many updates so that the "
-                          "ranks of one update get similar work (non-padding tokens times "
-                          "experts, from the tracked two-expert shares); the same batches, the "
-                          "windows kept in complexity order; 0: off (default: 0)"},
+        default=8,
+        metadata={"help": "with several data-parallel ranks: re-pair the ordered batches within "
+                          "windows of this many updates so that the ranks of one update get "
+                          "similar MoE work (non-padding tokens times experts, from the tracked "
+                          "two-expert shares); the same batches, the windows kept in complexity "
+                          "order; 0: off (default: 8)"},
     )
     moe_curriculum_shuffle: ChoiceEnum(SHUFFLE_MODES) = field(
         default="none",
@@ -371,7 +371,7 @@ class CurriculumBatchSampler:
         update_freq = self.update_freq(epoch)
         balance = getattr(self.cfg, "moe_curriculum_balance_steps", 0) or 0
         what = ""
-        if balance and self.num_shards * update_freq > 1:
+        if balance and self.num_shards > 1:
             work = _moe_tokens(dataset)
             loads = batch_loads(batches, work, self.tracker.multi, self.tracker.tokens)
             before = step_imbalance(batches, loads, self.num_shards, update_freq)
