@@ -214,6 +214,8 @@ def test_balance_steps_with_update_freq_deals_each_update_over_its_ranks():
     # a last partial update stays as it was
     tail = [int(b[0]) for b in balance_steps(batches[:6], loads[:6], keys, 2, 2, 2)]
     assert tail[4:] == [4, 5] and sorted(tail[:4]) == [0, 1, 2, 3]
+    short = balance_steps(batches[:3], loads[:3], keys, 2, 2, 2)  # less than one update
+    assert [int(b[0]) for b in short] == [0, 1, 2]
 
 
 def test_batch_complexity_spread():

@@ -316,10 +316,7 @@ def balance_steps(batches: Sequence, loads, keys, num_shards: int, update_freq: 
     out = []
     for start in range(0, len(batches), span):
         idx = np.arange(start, min(start + span, len(batches)))
-        if len(idx) < step:  # a last partial update: as it was
-            out.extend(batches[i] for i in idx)
-            continue
-        full = len(idx) - len(idx) % step
+        full = len(idx) - len(idx) % step  # a last partial update stays as it was
         heavy_first = idx[:full][np.lexsort((idx[:full], -loads[idx[:full]]))]
         updates = []
         for u in range(0, full, step):

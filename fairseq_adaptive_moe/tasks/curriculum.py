@@ -355,10 +355,7 @@ class CurriculumBatchSampler:
             return self._base_batches
 
         indices = self._indices
-        try:
-            lengths = dataset.num_tokens_vec(indices)
-        except NotImplementedError:
-            lengths = np.array([dataset.num_tokens(i) for i in indices], dtype=np.int64)
+        lengths = _num_tokens(dataset, indices)
         order, window = self.cfg.moe_curriculum_order, self.cfg.moe_curriculum_window
         keys = np.full(len(dataset), np.inf)
         keys[indices] = sample_keys(indices, self.tracker.multi, self.tracker.tokens, lengths,
@@ -369,7 +366,7 @@ class CurriculumBatchSampler:
             self._base_batches, keys, length_of,
             lambda ids: dataset.batch_by_size(ids, **self.limits), window)
         update_freq = self.update_freq(epoch)
-        balance = getattr(self.cfg, "moe_curriculum_balance_steps", 0) or 0
+        balance = self.cfg.moe_curriculum_balance_steps
         what = ""
         if balance and self.num_shards > 1:
             work = _moe_tokens(dataset)
@@ -460,10 +457,15 @@ def _moe_tokens(dataset) -> np.ndarray:
     if src is not None:
         return np.asarray(src, dtype=np.int64) + (
             0 if tgt is None else np.asarray(tgt, dtype=np.int64))
+    return _num_tokens(dataset, np.arange(len(dataset)))
+
+
+def _num_tokens(dataset, indices) -> np.ndarray:
+    """fairseq's ``num_tokens`` of ``indices``, vectorized where the dataset supports it."""
     try:
-        return np.asarray(dataset.num_tokens_vec(np.arange(len(dataset))), dtype=np.int64)
+        return np.asarray(dataset.num_tokens_vec(indices), dtype=np.int64)
     except NotImplementedError:
-        return np.array([dataset.num_tokens(i) for i in range(len(dataset))], dtype=np.int64)
+        return np.array([dataset.num_tokens(i) for i in indices], dtype=np.int64)
 
 
 def _all_gather_rows(rows):
