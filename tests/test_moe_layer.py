@@ -35,6 +35,15 @@ def fold(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=[True, False], ids=["padded", "grouped"])
+def padded(request, monkeypatch):
+    """Both CPU ways of computing the experts of a trimmed plan (``ExpertFFN.padded_capacity``):
+    groups padded to one size and batched, whatever their sizes (``pad_slack`` huge), and the
+    grouped GEMMs (the path off)."""
+    monkeypatch.setattr(ExpertFFN, "pad_slack", 10.0**9 if request.param else -1)
+    return request.param
+
+
 def reference_moe(layer, x, decision):
     """The per-expert loop (``moe.reference.loop_moe``, also the bench's oracle): the definition
     the fast path must equal."""
@@ -226,7 +235,7 @@ def test_identity_experts_round_trip():
 
 @pytest.mark.parametrize("trim", [True, False], ids=["trimmed", "static"])
 @pytest.mark.parametrize("policy,threshold", [("top1", 0.1), ("top2", 0.1), ("adaptive", 0.15)])
-def test_fast_path_equals_loop_reference_forward_and_backward(policy, threshold, trim, fold):
+def test_fast_path_equals_loop_reference_forward_and_backward(policy, threshold, trim, fold, padded):
     layer = make_layer(5, 8, 12, policy, threshold=threshold)
     assert layer.experts.folds_bias(37) == fold
     x = torch.randn(37, 8, requires_grad=True)
@@ -235,6 +244,7 @@ def test_fast_path_equals_loop_reference_forward_and_backward(policy, threshold,
     decision = layer.gate(x, mask)
     y, plan, _ = layer.apply_experts(x, decision, trim=trim)
     assert plan.trimmed == trim
+    assert (layer.experts.padded_capacity(x, plan) is not None) == (trim and padded)
     ref = reference_moe(layer, x, decision)
     assert torch.allclose(y, ref, atol=1e-5)
     g = torch.randn_like(y)
@@ -246,30 +256,54 @@ def test_fast_path_equals_loop_reference_forward_and_backward(policy, threshold,
 
 
 @pytest.mark.parametrize("trim", [True, False], ids=["trimmed", "static"])
-def test_empty_uneven_and_single_row_groups(trim, fold):
+def test_empty_uneven_and_single_row_groups(trim, fold, padded):
+    """Output and every gradient against the loop, with groups of 1, 0, 8, 0, 1 and 8 rows."""
     layer = make_layer(6, 8, 12, "top2")
-    x = torch.randn(9, 8)
+    x = torch.randn(9, 8, requires_grad=True)
     logits = torch.full((9, 6), -10.0)
     logits[:8, 2] = 10.0  # 8 tokens: expert 2 first ...
     logits[:8, 5] = 9.0  # ... expert 5 second
     logits[8, 4] = 10.0  # one token: expert 4, then expert 0
     logits[8, 0] = 5.0
-    decision = route(logits, "top2")
-    out, p, _ = layer.apply_experts(x, decision, trim=trim)
-    assert p.counts.tolist() == [1, 0, 8, 0, 1, 8]
-    assert p.num_rows == 18  # every slot is used
-    assert torch.allclose(out, reference_moe(layer, x, decision), atol=1e-5)
-    padded = route(logits, "top2", token_mask=torch.arange(9) < 5)  # 4 tokens use no expert
-    out, p, _ = layer.apply_experts(x, padded, trim=trim)
-    assert p.num_rows == (10 if trim else 18)
-    assert out[5:].abs().sum() == 0
-    assert torch.allclose(out, reference_moe(layer, x, padded), atol=1e-5)
+    params = [x] + list(layer.experts.parameters())
+    for mask, rows in ((None, 18), (torch.arange(9) < 5, 10)):  # then 4 tokens use no expert
+        decision = route(logits, "top2", token_mask=mask)
+        out, p, _ = layer.apply_experts(x, decision, trim=trim)
+        assert p.num_rows == (rows if trim else 18)
+        assert (layer.experts.padded_capacity(x, p) is not None) == (trim and padded)
+        if mask is None:
+            assert p.counts.tolist() == [1, 0, 8, 0, 1, 8]
+        else:
+            assert out[5:].abs().sum() == 0
+        ref = reference_moe(layer, x, decision)
+        assert torch.allclose(out, ref, atol=1e-5)
+        g = torch.randn_like(out)
+        for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g)):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_padded_path_is_taken_for_near_even_groups_only():
+    """The default slack: 8 groups of 64 rows are padded and batched; one group of 80 and one
+    of 48 (max 1.25x the mean) keep the grouped GEMMs, and so do a decoding step's 5 rows."""
+    experts = ExpertFFN(8, 16, 32)
+
+    def plan_of(counts):
+        expert = torch.repeat_interleave(torch.arange(8), torch.tensor(counts))
+        decision = route(torch.nn.functional.one_hot(expert, 8).float() * 10, "top1")
+        return dispatch.plan(decision, trim=True)
+
+    even = plan_of([64] * 8)
+    assert experts.padded_capacity(torch.zeros(512, 16), even) == 64
+    assert experts.padded_capacity(torch.zeros(512, 16, dtype=torch.bfloat16), even) is None
+    assert experts.padded_capacity(torch.zeros(512, 16), plan_of([80, 48] + [64] * 6)) is None
+    assert experts.padded_capacity(torch.zeros(5, 16), plan_of([1, 1, 1, 1, 1, 0, 0, 0])) is None
 
 
 @pytest.mark.parametrize("block", [1, 3, 7, 18])
 def test_cpu_row_blocks_equal_the_reference(block, monkeypatch, fold):
     """Blocks of 1, 3 and 7 rows cut groups in their middle and leave groups out of whole blocks;
-    18 rows is all of them in one block."""
+    18 rows is all of them in one block (the grouped path: uneven groups)."""
+    monkeypatch.setattr(ExpertFFN, "pad_slack", -1)
     layer = make_layer(6, 8, 12, "top2")
     layer.experts.cpu_block_bytes = block * 12 * 4  # (block, F) fp32 activations
     x = torch.randn(9, 8, requires_grad=True)
