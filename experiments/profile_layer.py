@@ -27,7 +27,7 @@ from pathlib import Path
 
 PROG = "profile_layer.py"
 CATEGORIES = [
-    ("GEMM", ("mm", "_grouped_mm", "addmm", "bmm", "matmul", "linear")),
+    ("GEMM", ("mm", "_grouped_mm", "addmm", "bmm", "baddbmm", "matmul", "linear")),
     ("gather / scatter / copy", ("index_select", "index_add_", "index_add", "index_put_",
                                  "index_put", "_index_put_impl_", "cat", "copy_", "gather",
                                  "scatter", "scatter_add_", "where", "clone", "contiguous",
@@ -50,6 +50,10 @@ def parse_args(argv=None):
     p.add_argument("--fold-rows-divisor", type=int, default=None,
                    help="ExpertFFN.fold_rows_divisor for this run: fc1's bias is folded into its "
                         "GEMM from E*d/divisor rows on (default: the layer's own)")
+    p.add_argument("--pad-slack", type=float, default=None,
+                   help="ExpertFFN.pad_slack for this run: near-even groups are padded and batched "
+                        "when the largest is at most this share above the mean; -1: never, the "
+                        "grouped GEMMs (default: the layer's own)")
     args = p.parse_args(argv)
     try:
         args.shapes = [tuple(int(v) for v in s.split(":")) for s in args.shapes.split(",") if s]
@@ -154,6 +158,10 @@ def main(argv=None) -> int:
         from fairseq_adaptive_moe.moe import ExpertFFN
 
         ExpertFFN.fold_rows_divisor = args.fold_rows_divisor
+    if args.pad_slack is not None:
+        from fairseq_adaptive_moe.moe import ExpertFFN
+
+        ExpertFFN.pad_slack = args.pad_slack
     args.out.mkdir(parents=True, exist_ok=True)
     results = [measure_shape(s, args.fraction, args.repeats) for s in args.shapes]
     report = render(args, argv, results)

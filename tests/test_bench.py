@@ -26,6 +26,7 @@ def test_quick_run_records_every_implementation_and_fraction(quick_run):
     for key in ("machine", "torch", "dtype", "cpu_threads", "experts", "dim", "ffn"):
         assert data["meta"][key]
     assert data["meta"]["cpu_block_mib"] == 16
+    assert data["meta"]["cpu_pad_slack"] == 0.125
     assert data["meta"]["tokens_done"] == data["meta"]["tokens"]
     seen = {(r["impl"], r["fraction"]) for r in records}
     for impl in ("ours", "loop", "padded_einsum", "dense"):
@@ -99,6 +100,8 @@ def test_top2_crafted_decision_equals_top2_routing():
     ["--implementations", "ours,nope"],
     ["--dtype", "int8"],
     ["--cpu-block-mib", "-1"],
+    ["--cpu-pad-slack", "-0.5"],
+    ["--cpu-pad-slack", "nan"],
     ["--no-such-flag"],
 ])
 def test_bad_flags_exit_2_and_write_nothing(argv, tmp_path, capsys):

@@ -175,10 +175,19 @@ def test_dense_baseline_same_code_path(m30k_bin, tmp_path):
     assert "moe_2x_enc1" in keys and "moe_2x_enc0" not in keys
 
 
-def test_incremental_decoding_matches_full_decoding(trained):
+def test_incremental_decoding_matches_full_decoding(trained, monkeypatch):
     """Beam search decodes one position at a time; the MoE decoder must agree with the
-    teacher-forced pass position by position (adaptive routing is per token)."""
+    teacher-forced pass position by position (adaptive routing is per token). The steps run the
+    small-call path (fc1's bias added, groups not padded), the full pass the many-rows one (bias
+    folded): the outputs agree across the two paths."""
     from fairseq import checkpoint_utils
+    from fairseq_adaptive_moe.moe import ExpertFFN
+    calls = []  # (rows, bias folded, groups padded) of every expert call
+    folds, pads = ExpertFFN.folds_bias, ExpertFFN.padded_capacity
+    monkeypatch.setattr(ExpertFFN, "folds_bias",
+                        lambda self, n: calls.append(("fold", n, folds(self, n))) or calls[-1][2])
+    monkeypatch.setattr(ExpertFFN, "padded_capacity", lambda self, rows, plan: calls.append(
+        ("pad", rows.shape[0], pads(self, rows, plan))) or calls[-1][2])
     save, _ = trained
     models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(save / "checkpoint_last.pt")])
     model = models[0].eval()
@@ -187,6 +196,7 @@ def test_incremental_decoding_matches_full_decoding(trained):
     net_input = batch["net_input"]
     with torch.no_grad():
         full, _ = model(**net_input)
+        full_calls, calls[:] = list(calls), []
         encoder_out = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
         state = {}
         steps = []
@@ -197,6 +207,11 @@ def test_incremental_decoding_matches_full_decoding(trained):
     incremental = torch.cat(steps, dim=1)
     keep = prev.ne(task.target_dictionary.pad())  # padded positions differ by construction
     assert torch.allclose(full[keep], incremental[keep], atol=1e-4)
+    step_rows = prev.size(0)  # a decoder step: one row per sentence
+    assert any(kind == "fold" and n > step_rows and taken for kind, n, taken in full_calls)
+    decoder_steps = [(kind, taken) for kind, n, taken in calls if n <= step_rows]
+    assert decoder_steps and not any(taken for kind, taken in decoder_steps if kind == "fold")
+    assert not any(taken is not None for kind, taken in decoder_steps if kind == "pad")
 
 
 def test_small_call_path_gives_the_same_hypotheses(trained, monkeypatch):

@@ -76,3 +76,21 @@ def test_profile_runner_breaks_both_down(tmp_path):
         assert sum(cats.values()) == pytest.approx(r[impl]["total_ms"])
     assert "sort / search / top-k" in r["ours"]["categories"]  # the dispatch plan's argsort
     assert "| GEMM |" in (out / "profile.md").read_text()
+
+
+def test_profile_runner_profiles_either_expert_path(tmp_path, monkeypatch):
+    """Balanced crafted groups take the padded, batched path by default; ``--pad-slack -1``
+    profiles the grouped GEMMs instead (the class setting is restored after the test)."""
+    from experiments import profile_layer
+    from fairseq_adaptive_moe.moe import ExpertFFN
+
+    monkeypatch.setattr(ExpertFFN, "pad_slack", ExpertFFN.pad_slack)
+    ops = {}
+    for name, extra in (("padded", []), ("grouped", ["--pad-slack", "-1"])):
+        out = tmp_path / name
+        assert profile_layer.main(["--out", str(out), "--shapes", "4:16:32:64", "--repeats", "1",
+                                   "--threads", "1"] + extra) == 0
+        r = json.loads((out / "profile.json").read_text())["results"][0]
+        ops[name] = {op for op, _ in r["ours"]["top"]}
+    assert "aten::baddbmm" in ops["padded"] and "aten::_grouped_mm" not in ops["padded"]
+    assert "aten::_grouped_mm" in ops["grouped"] and "aten::baddbmm" not in ops["grouped"]

@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-block-mib", type=int, default=ExpertFFN.cpu_block_bytes >> 20,
                    help="on CPU, compute the experts in row blocks of at most this many MiB of "
                         "FFN activations (0: one block)")
+    p.add_argument("--cpu-pad-slack", type=float, default=ExpertFFN.pad_slack,
+                   help="on CPU, compute the experts as one batched GEMM over groups padded to the "
+                        "largest when it is at most this share larger than the mean (-1: never, "
+                        "the grouped GEMMs always)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, inputs and routes")
     p.add_argument("--out", default="bench-out", help="directory for bench.json and bench.png")
     return p

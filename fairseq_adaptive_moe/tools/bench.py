@@ -299,7 +299,8 @@ def make_config(device: str = "cpu", quick: bool = False, *,
                 experts: Optional[int] = None, dim: Optional[int] = None, ffn: Optional[int] = None,
                 dtype: Optional[str] = None, warmup: Optional[int] = None,
                 repeats: Optional[int] = None, implementations=None,
-                cpu_block_mib: int = ExpertFFN.cpu_block_bytes >> 20, seed: int = 0) -> dict:
+                cpu_block_mib: int = ExpertFFN.cpu_block_bytes >> 20,
+                cpu_pad_slack: float = ExpertFFN.pad_slack, seed: int = 0) -> dict:
     """The checked run configuration (the flags of ``adaptive-moe-bench``, by the same names).
 
     The ``device`` preset (``quick``: a tiny one) in :data:`PRESETS`, overridden by every option
@@ -332,6 +333,9 @@ def make_config(device: str = "cpu", quick: bool = False, *,
     if cpu_block_mib < 0:
         raise BadFlag(f"--cpu-block-mib must be >= 0, got {cpu_block_mib}")
     preset["cpu_block_bytes"] = cpu_block_mib << 20
+    if not (cpu_pad_slack >= 0 or cpu_pad_slack == -1):  # also NaN
+        raise BadFlag(f"--cpu-pad-slack must be >= 0, or -1 (never), got {cpu_pad_slack}")
+    preset["cpu_pad_slack"] = cpu_pad_slack
     if implementations is None:
         impls = [v for v in IMPLEMENTATIONS if not (v == "ours_trimmed" and device == "cpu")]
     elif isinstance(implementations, str):
@@ -442,6 +446,7 @@ def run_tokens(cfg: dict, num_tokens: int, device: torch.device, notes: List[str
     layer = MoELayer(TopKGate(dim, num_experts, policy="adaptive", threshold=THRESHOLD),
                      ExpertFFN(num_experts, dim, ffn, seed=cfg["seed"])).to(device=device, dtype=dtype)
     layer.experts.cpu_block_bytes = cfg["cpu_block_bytes"]
+    layer.experts.pad_slack = cfg["cpu_pad_slack"]
     moe_params = list(layer.parameters())
     gate_weight = layer.gate.wg.weight
     x = torch.randn(num_tokens, dim, device=device, dtype=dtype, requires_grad=True)
@@ -701,7 +706,8 @@ def describe_run(cfg: dict, device: torch.device, command: str = "") -> dict:
         cpu_threads=torch.get_num_threads(), dtype=cfg["dtype"], experts=cfg["experts"],
         dim=cfg["dim"], ffn=cfg["ffn"], tokens=cfg["tokens"], fractions=cfg["fractions"],
         warmup=cfg["warmup"], repeats=cfg["repeats"], implementations=cfg["implementations"],
-        cpu_block_mib=cfg["cpu_block_bytes"] >> 20, seed=cfg["seed"], threshold=THRESHOLD,
+        cpu_block_mib=cfg["cpu_block_bytes"] >> 20, cpu_pad_slack=cfg["cpu_pad_slack"],
+        seed=cfg["seed"], threshold=THRESHOLD,
         paper_table1=PAPER_TABLE1,
         timing="median; forward with autograd recording; fwd+bwd = forward + backward(grad)",
         started=time.strftime("%Y-%m-%d %H:%M:%S"),
