@@ -30,7 +30,8 @@ def make_layer(num_experts=4, dim=8, ffn=16, policy="adaptive", seed=0, **gate_k
 @pytest.fixture(params=[True, False], ids=["fold", "bias-add"])
 def fold(request, monkeypatch):
     """Both ways of applying fc1's bias (``ExpertFFN.folds_bias``): folded into the GEMM (many
-    rows) and added to its output (a few rows)."""
+    rows) and not folded (a few rows: on CPU with a trimmed plan, the small-call path's per-expert
+    ``addmm``; with a static plan, added to the grouped GEMM's output)."""
     monkeypatch.setattr(ExpertFFN, "fold_rows_divisor", 10**9 if request.param else 0)
     return request.param
 
@@ -282,6 +283,31 @@ def test_empty_uneven_and_single_row_groups(trim, fold, padded):
             assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_small_call_computes_only_the_experts_with_rows(monkeypatch):
+    """A decoding step's few rows on CPU: one addmm pair per expert that has rows (none for the
+    empty ones, no grouped GEMM), equal to the loop, under no_grad and with gradients."""
+    layer = make_layer(8, 16, 32, "top1")
+    x = torch.randn(5, 16, requires_grad=True)
+    logits = torch.full((5, 8), -10.0)
+    logits[:3, 6] = 10.0
+    logits[3:, 1] = 10.0  # two experts with rows, six without
+    decision = route(logits, "top1")
+    calls = []
+    addmm = torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda *a, **k: calls.append(a[1].shape[0]) or addmm(*a, **k))
+    monkeypatch.setattr(F, "grouped_mm", None)  # would fail if called
+    with torch.no_grad():
+        out, plan, _ = layer.apply_experts(x, decision)
+    assert not layer.experts.folds_bias(plan.num_rows) and sorted(calls) == [2, 2, 3, 3]
+    ref = reference_moe(layer, x, decision)
+    assert torch.allclose(out, ref, atol=1e-6)
+    out, _, _ = layer.apply_experts(x, decision)
+    g = torch.randn_like(out)
+    params = [x] + list(layer.experts.parameters())
+    for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g)):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_padded_path_is_taken_for_near_even_groups_only():
     """The default slack: 8 groups of 64 rows are padded and batched; one group of 80 and one
     of 48 (max 1.25x the mean) keep the grouped GEMMs, and so do a decoding step's 5 rows."""
@@ -300,10 +326,12 @@ def test_padded_path_is_taken_for_near_even_groups_only():
 
 
 @pytest.mark.parametrize("block", [1, 3, 7, 18])
-def test_cpu_row_blocks_equal_the_reference(block, monkeypatch, fold):
+def test_cpu_row_blocks_equal_the_reference(block, monkeypatch):
     """Blocks of 1, 3 and 7 rows cut groups in their middle and leave groups out of whole blocks;
-    18 rows is all of them in one block (the grouped path: uneven groups)."""
+    18 rows is all of them in one block (the grouped path for many rows: uneven groups, bias
+    folded)."""
     monkeypatch.setattr(ExpertFFN, "pad_slack", -1)
+    monkeypatch.setattr(ExpertFFN, "fold_rows_divisor", 10**9)
     layer = make_layer(6, 8, 12, "top2")
     layer.experts.cpu_block_bytes = block * 12 * 4  # (block, F) fp32 activations
     x = torch.randn(9, 8, requires_grad=True)

@@ -252,6 +252,31 @@ class ExpertFFN(nn.Module):
         out = torch.baddbmm(self.fc2_bias.unsqueeze(1), h, self.fc2_weight)
         return out.view(num_experts * capacity, -1).index_select(0, slot)
 
+    def looped_forward(self, x: Tensor, plan) -> Tensor:
+        """The small-call path (CPU, trimmed plans, rows too few to fold fc1's bias: a decoding
+        step): one ``addmm`` pair per expert that has rows, the experts without rows skipped.
+        ``grouped_mm``'s CPU path issues a GEMM for every expert, empty or not, and reads each
+        group end back; with a handful of rows those fixed costs were most of the layer. The group
+        sizes are read on the host, which on CPU costs nothing."""
+        dtype = x.dtype
+        params = (self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in params):
+            # unbind: indexing W[e] would give every used expert a full-size zero gradient
+            per_expert = list(zip(*(t.unbind(0) for t in params)))
+        else:
+            per_expert = None
+        outs = []
+        for e, block in enumerate(x.split(plan.counts.tolist())):
+            if not block.shape[0]:
+                continue
+            w1, b1, w2, b2 = per_expert[e] if per_expert else (t[e] for t in params)
+            h = torch.addmm(b1.to(dtype), block, w1.to(dtype))
+            h = F.dropout(self.activation_fn(h), p=self.activation_dropout, training=self.training)
+            outs.append(torch.addmm(b2.to(dtype), h, w2.to(dtype)))
+        if not outs:
+            return x.new_zeros(0, self.embed_dim)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
     def forward(self, rows: Tensor, plan) -> Tensor:
         """(N, C) expert-sorted rows -> (N, C); rows of unused slots (static plans) are 0."""
         dtype = self.compute_dtype(rows)
@@ -261,6 +286,8 @@ class ExpertFFN(nn.Module):
             if capacity is not None:
                 return self.padded_forward(x, plan, capacity).to(rows.dtype)
             fold = self.folds_bias(x.shape[0])
+            if not fold and plan.trimmed and x.device.type == "cpu":
+                return self.looped_forward(x, plan).to(rows.dtype)
             w1 = self.fc1_weight.to(dtype)
             b1 = self.fc1_bias.to(dtype)
             if fold:
