@@ -265,14 +265,21 @@ class ExpertFFN(nn.Module):
             per_expert = list(zip(*(t.unbind(0) for t in params)))
         else:
             per_expert = None
+        cast = self.fc1_weight.dtype != dtype
+        drop = self.training and self.activation_dropout > 0
         outs = []
-        for e, block in enumerate(x.split(plan.counts.tolist())):
-            if not block.shape[0]:
+        start = 0
+        for e, size in enumerate(plan.counts.tolist()):
+            if not size:
                 continue
             w1, b1, w2, b2 = per_expert[e] if per_expert else (t[e] for t in params)
-            h = torch.addmm(b1.to(dtype), block, w1.to(dtype))
-            h = F.dropout(self.activation_fn(h), p=self.activation_dropout, training=self.training)
-            outs.append(torch.addmm(b2.to(dtype), h, w2.to(dtype)))
+            if cast:
+                w1, b1, w2, b2 = w1.to(dtype), b1.to(dtype), w2.to(dtype), b2.to(dtype)
+            h = self.activation_fn(torch.addmm(b1, x[start:start + size], w1))
+            if drop:
+                h = F.dropout(h, p=self.activation_dropout, training=True)
+            outs.append(torch.addmm(b2, h, w2))
+            start += size
         if not outs:
             return x.new_zeros(0, self.embed_dim)
         return outs[0] if len(outs) == 1 else torch.cat(outs)
