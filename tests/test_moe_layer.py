@@ -306,6 +306,15 @@ def test_small_call_computes_only_the_experts_with_rows(monkeypatch):
     params = [x] + list(layer.experts.parameters())
     for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g)):
         assert torch.allclose(a, b, atol=1e-5)
+    # off: the grouped GEMMs (bias added), the same output
+    monkeypatch.undo()
+    layer.experts.loops_small_calls = False
+    grouped = []
+    real = F.grouped_mm
+    monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: grouped.append(1) or real(*a, **k))
+    with torch.no_grad():
+        out, _, _ = layer.apply_experts(x, decision)
+    assert grouped and torch.allclose(out, ref, atol=1e-6)
 
 
 def test_padded_path_is_taken_for_near_even_groups_only():

@@ -94,3 +94,31 @@ def test_profile_runner_profiles_either_expert_path(tmp_path, monkeypatch):
         ops[name] = {op for op, _ in r["ours"]["top"]}
     assert "aten::baddbmm" in ops["padded"] and "aten::_grouped_mm" not in ops["padded"]
     assert "aten::_grouped_mm" in ops["grouped"] and "aten::baddbmm" not in ops["grouped"]
+
+
+def test_small_calls_runner_times_both_paths_and_dense(tmp_path):
+    from experiments import small_calls
+    from fairseq_adaptive_moe.moe import ExpertFFN
+
+    out = tmp_path / "small"
+    assert small_calls.main(["--out", str(out), "--rows", "4", "--used", "1,2", "--experts", "4",
+                             "--dim", "16", "--ffn", "32", "--calls", "2", "--rounds", "2",
+                             "--threads", "1"]) == 0
+    results = json.loads((out / "small_calls.json").read_text())["results"]
+    assert [r["used"] for r in results] == [1, 2]
+    for r in results:
+        assert set(r["us"]) == {"small-call path", "grouped path", "dense"}
+        assert all(v > 0 for v in r["us"].values())
+        assert all(len(v) == 2 for v in r["samples_us"].values())
+    assert "| small-call / grouped |" in (out / "small_calls.md").read_text()
+    assert ExpertFFN.loops_small_calls  # the class setting is left alone
+
+
+@pytest.mark.parametrize("argv", [["--used", "6"], ["--used", "0"], ["--used", "a"], ["--rows", "0"]])
+def test_small_calls_runner_rejects_bad_flags(argv, tmp_path, capsys):
+    from experiments import small_calls
+
+    with pytest.raises(SystemExit) as err:
+        small_calls.main(["--out", str(tmp_path / "x"), "--rows", "5", "--experts", "4"] + argv)
+    assert err.value.code == 2 and not (tmp_path / "x").exists()
+    assert "small_calls.py: error:" in capsys.readouterr().err

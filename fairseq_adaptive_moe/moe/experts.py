@@ -252,6 +252,9 @@ class ExpertFFN(nn.Module):
         out = torch.baddbmm(self.fc2_bias.unsqueeze(1), h, self.fc2_weight)
         return out.view(num_experts * capacity, -1).index_select(0, slot)
 
+    # the small-call path on CPU (False: few rows take the grouped GEMMs with the bias added)
+    loops_small_calls = True
+
     def looped_forward(self, x: Tensor, plan) -> Tensor:
         """The small-call path (CPU, trimmed plans, rows too few to fold fc1's bias: a decoding
         step): one ``addmm`` pair per expert that has rows, the experts without rows skipped.
@@ -293,7 +296,7 @@ class ExpertFFN(nn.Module):
             if capacity is not None:
                 return self.padded_forward(x, plan, capacity).to(rows.dtype)
             fold = self.folds_bias(x.shape[0])
-            if not fold and plan.trimmed and x.device.type == "cpu":
+            if not fold and plan.trimmed and x.device.type == "cpu" and self.loops_small_calls:
                 return self.looped_forward(x, plan).to(rows.dtype)
             w1 = self.fc1_weight.to(dtype)
             b1 = self.fc1_bias.to(dtype)
