@@ -154,13 +154,11 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    if args.fold_rows_divisor is not None:
-        from fairseq_adaptive_moe.moe import ExpertFFN
+    from fairseq_adaptive_moe.moe import ExpertFFN
 
+    if args.fold_rows_divisor is not None:
         ExpertFFN.fold_rows_divisor = args.fold_rows_divisor
     if args.pad_slack is not None:
-        from fairseq_adaptive_moe.moe import ExpertFFN
-
         ExpertFFN.pad_slack = args.pad_slack
     args.out.mkdir(parents=True, exist_ok=True)
     results = [measure_shape(s, args.fraction, args.repeats) for s in args.shapes]
